@@ -1,0 +1,3 @@
+from cora.cli import main
+
+raise SystemExit(main())
