@@ -1,0 +1,471 @@
+"""CoRA adapters: PEFT LoRA layers whose basis-side factor comes from a common basis.
+
+A CoRA adapter is a plain PEFT LoRA adapter (``LoraConfig`` + ``get_peft_model``)
+whose factors are overwritten after PEFT creates them::
+
+    y = x @ W.T + scaling * (x @ A.T) @ B.T      A = lora_A: (r, in)   B = lora_B: (out, r)
+
+    side=output:  B = basis (out, r)     A = the free factor (a_init)
+    side=input:   A = basis.T (r, in)    B = the free factor (a_init)
+
+Modes (in brackets, the names in Xiao et al., "CoRA", arXiv 2409.02119):
+
+* ``lora``: plain PEFT LoRA, the baseline. A basis, if given, only selects the
+  target modules.
+* ``frozen`` [FB, frozen basis]: the basis-side factor is frozen, only the free
+  factor trains, so each adapted layer trains ``r * in`` parameters (side=output)
+  or ``r * out`` (side=input).
+* ``trainable`` [TB, trainable basis]: both factors train, starting from the basis.
+
+``b_init`` always names what fills the basis-side factor and ``a_init`` the free
+factor, whichever of ``lora_A``/``lora_B`` the side makes them. So with side=input,
+``b_init`` sets ``lora_A`` and ``a_init`` sets ``lora_B``.
+
+The frozen factor stays frozen through PEFT's own mechanism: each LoRA layer's
+``frozen_peft_weight_names`` (PEFT >= 0.20, the same list that keeps MiCA's B
+frozen), which ``set_adapter`` re-applies after every switch. A saved adapter is a
+standard PEFT folder plus ``cora_adapter.json``, which plain PEFT ignores and
+:func:`load_cora_adapter` reads to freeze the factor again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from cora.basis import Basis
+
+logger = logging.getLogger(__name__)
+
+MODES = ("lora", "frozen", "trainable")
+B_INITS = ("basis", "zeros", "ones", "gaussian", "orthogonal")
+A_INITS = ("kaiming", "zeros")
+SIDES = ("output", "input")
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj")
+DEFAULT_RANK = 8
+SIDECAR_NAME = "cora_adapter.json"
+SIDECAR_VERSION = 1
+
+
+@dataclass
+class AdapterConfig:
+    """How to build one adapter; validated at construction."""
+
+    mode: str = "frozen"  # lora | frozen (FB in the CoRA paper) | trainable (TB)
+    r: int | None = None  # rank; None: the basis rank, or 8 without a basis
+    lora_alpha: float | None = None  # scaling = lora_alpha / r; None: equal to r (scaling 1)
+    lora_dropout: float = 0.0  # dropout on the adapter input
+    target_modules: tuple[str, ...] | None = None  # None: the basis modules, or q_proj/k_proj/v_proj
+    b_init: str = "basis"  # basis-side factor: basis | zeros | ones | gaussian | orthogonal
+    a_init: str = "kaiming"  # free factor: kaiming (PEFT's lora_A init) | zeros
+    side: str | None = None  # output | input; only used without a basis (a basis carries its side)
+    init_seed: int = 0  # seed of the random ablation matrices and of the free factor
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"invalid mode {self.mode!r}; expected one of {MODES}")
+        if self.b_init not in B_INITS:
+            raise ValueError(f"invalid b_init {self.b_init!r}; expected one of {B_INITS}")
+        if self.a_init not in A_INITS:
+            raise ValueError(f"invalid a_init {self.a_init!r}; expected one of {A_INITS}")
+        if self.side is not None and self.side not in SIDES:
+            raise ValueError(f"invalid side {self.side!r}; expected one of {SIDES}")
+        if self.r is not None and self.r < 1:
+            raise ValueError(f"invalid r {self.r}; expected a positive integer")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"invalid lora_alpha {self.lora_alpha}; expected a positive number")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"invalid lora_dropout {self.lora_dropout}; expected a value in [0, 1)")
+        if self.mode == "lora" and (self.b_init != "basis" or self.a_init != "kaiming"):
+            raise ValueError(
+                f"b_init {self.b_init!r} and a_init {self.a_init!r} apply to modes frozen and trainable; "
+                "mode 'lora' always uses PEFT's initialisation (lora_A Kaiming, lora_B zeros)"
+            )
+        if isinstance(self.target_modules, str):
+            self.target_modules = (self.target_modules,)
+        elif self.target_modules is not None:
+            self.target_modules = tuple(self.target_modules)
+            if not self.target_modules:
+                raise ValueError("invalid target_modules (): expected at least one module name, or None")
+
+
+@dataclass(frozen=True)
+class AdaptedModule:
+    """One module that receives a LoRA adapter."""
+
+    name: str  # full module name in the base model, e.g. "model.layers.0.self_attn.q_proj"
+    layer: int
+    roles: tuple[str, ...]  # q/k/v roles served by this module: one, or three for a fused module
+
+
+# --- target selection and basis checks -------------------------------------------------------------
+
+
+def _num_layers(model: Any) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.num_hidden_layers)
+
+
+def _matches(module_name: str, targets: tuple[str, ...]) -> bool:
+    return any(module_name == t or module_name.endswith(f".{t}") for t in targets)
+
+
+def select_modules(model: Any, basis: Basis | None, config: AdapterConfig) -> list[AdaptedModule]:
+    """List the modules to adapt, checking that the basis fits the model.
+
+    Raises:
+        ValueError: the basis covers layers or modules the model lacks, or the
+            target modules match nothing.
+    """
+    if basis is None:
+        return _select_without_basis(model, config)
+
+    metadata = basis.metadata
+    model_layers = _num_layers(model)
+    beyond = [i for i in metadata.layers if i >= model_layers]
+    if beyond:
+        raise ValueError(
+            f"basis does not fit the model: basis layers {len(metadata.layers)} (up to index {max(metadata.layers)}) "
+            f"vs model layers {model_layers}; extract a basis from models of this architecture"
+        )
+    if metadata.model_type != getattr(model.config, "model_type", metadata.model_type):
+        logger.warning(
+            "basis was extracted from model_type %r but the model is %r", metadata.model_type, model.config.model_type
+        )
+
+    if metadata.fused_module is not None:
+        return _select_fused(model, basis, config)
+
+    selected = []
+    for layer in metadata.layers:
+        for record in metadata.modules:
+            name = f"{metadata.layer_prefix}.{layer}.{record.name}"
+            if config.target_modules is not None and not _matches(name, config.target_modules):
+                continue
+            selected.append(AdaptedModule(name, layer, (record.role,)))
+    if not selected:
+        names = [record.name for record in metadata.modules]
+        raise ValueError(
+            f"target_modules {list(config.target_modules or ())} match none of the basis modules {names}; "
+            "pick target modules the basis covers"
+        )
+    return selected
+
+
+def _select_fused(model: Any, basis: Basis, config: AdapterConfig) -> list[AdaptedModule]:
+    metadata = basis.metadata
+    if not (metadata.side == "input" and metadata.group == "qkv"):
+        raise ValueError(
+            f"fused q/k/v module {metadata.fused_module!r} with side={metadata.side}, group={metadata.group} "
+            "is not supported; fused modules work with side=input, group=qkv (one lora_A for the fused input), "
+            "or use a model with separate q_proj/k_proj/v_proj"
+        )
+    # NOTE: the fused path maps the basis onto one module per layer; only Llama-style
+    # separate projections are covered by the test suite.
+    return [
+        AdaptedModule(f"{metadata.layer_prefix}.{layer}.{metadata.fused_module}", layer, ("q", "k", "v"))
+        for layer in metadata.layers
+    ]
+
+
+def _select_without_basis(model: Any, config: AdapterConfig) -> list[AdaptedModule]:
+    targets = config.target_modules or DEFAULT_TARGET_MODULES
+    selected = []
+    for name, module in model.named_modules():
+        # A model that already has adapters wraps its linear layers in LoraLayer.
+        if not isinstance(module, (torch.nn.Linear, LoraLayer)) or not _matches(name, targets):
+            continue
+        layer = next((int(part) for part in name.split(".") if part.isdigit()), -1)
+        selected.append(AdaptedModule(name, layer, ()))
+    if not selected:
+        raise ValueError(f"target_modules {list(targets)} match no linear module of the model; check the names")
+    return selected
+
+
+# --- factor initialisation -------------------------------------------------------------------------
+
+
+def _ablation_matrix(kind: str, dim: int, r: int, generator: torch.Generator) -> torch.Tensor:
+    # NOTE: every ablation matrix has unit-norm columns, the scale of an orthonormal basis,
+    # so that only the direction of the subspace differs between ablations.
+    if kind == "zeros":
+        return torch.zeros(dim, r)
+    if kind == "ones":
+        return torch.full((dim, r), 1.0 / math.sqrt(dim))
+    gaussian = torch.randn(dim, r, generator=generator)  # (dim, r)
+    if kind == "gaussian":
+        return gaussian / gaussian.norm(dim=0, keepdim=True)
+    q, _ = torch.linalg.qr(gaussian)  # (dim, r), orthonormal columns
+    return q
+
+
+def _basis_factor(
+    basis: Basis | None, module: AdaptedModule, dim: int, r: int, config: AdapterConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """The ``(dim, r)`` matrix for the basis-side factor of one module."""
+    if config.b_init != "basis":
+        return _ablation_matrix(config.b_init, dim, r, generator)
+    if basis is None:
+        raise ValueError("b_init 'basis' needs a basis file; pass --basis or choose another b_init")
+    factor = basis.factor(module.layer, module.roles[0])  # (dim, basis.rank)
+    if factor.shape[0] != dim:
+        side = basis.metadata.side
+        raise ValueError(
+            f"basis does not fit the model: basis dim {factor.shape[0]} vs module {'out' if side == 'output' else 'in'} "
+            f"{dim} for {module.name}; extract a basis from models of this architecture"
+        )
+    return factor[:, :r]
+
+
+def _free_factor(kind: str, shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    if kind == "zeros":
+        return torch.zeros(shape)
+    # Kaiming uniform with a = sqrt(5), the initialisation PEFT gives lora_A.
+    weight = torch.empty(shape)
+    fan_in = shape[1]
+    bound = 1.0 / math.sqrt(fan_in)
+    return weight.uniform_(-bound, bound, generator=generator)
+
+
+def _set_factors(
+    layer: LoraLayer,
+    adapter_name: str,
+    module: AdaptedModule,
+    basis: Basis | None,
+    config: AdapterConfig,
+    side: str,
+    generator: torch.Generator,
+) -> None:
+    lora_A = layer.lora_A[adapter_name].weight  # (r, in)
+    lora_B = layer.lora_B[adapter_name].weight  # (out, r)
+    r = lora_A.shape[0]
+    with torch.no_grad():
+        if side == "output":
+            basis_side = _basis_factor(basis, module, lora_B.shape[0], r, config, generator)  # (out, r)
+            lora_B.copy_(basis_side.to(lora_B.dtype))
+            lora_A.copy_(_free_factor(config.a_init, tuple(lora_A.shape), generator).to(lora_A.dtype))
+        else:
+            basis_side = _basis_factor(basis, module, lora_A.shape[1], r, config, generator)  # (in, r)
+            lora_A.copy_(basis_side.T.to(lora_A.dtype))
+            lora_B.copy_(_free_factor(config.a_init, tuple(lora_B.shape), generator).to(lora_B.dtype))
+
+
+def freeze_factor(layer: LoraLayer, adapter_name: str, weight_name: str) -> None:
+    """Mark ``weight_name`` (``lora_A`` or ``lora_B``) of one adapter as frozen, the way PEFT's MiCA does.
+
+    PEFT's ``set_adapter`` re-freezes every weight listed in the layer's
+    ``frozen_peft_weight_names`` after it marks the active adapter trainable.
+    """
+    frozen = dict(layer.frozen_peft_weight_names)  # a copy: never mutate the class-level default
+    names = frozen.get(adapter_name, ())
+    if weight_name not in names:
+        frozen[adapter_name] = (*names, weight_name)
+    layer.frozen_peft_weight_names = frozen
+    getattr(layer, weight_name)[adapter_name].weight.requires_grad_(False)
+
+
+# --- building and saving ---------------------------------------------------------------------------
+
+
+def _resolve_rank(basis: Basis | None, config: AdapterConfig) -> int:
+    if basis is None or config.mode == "lora":
+        return config.r or (basis.rank if basis is not None else DEFAULT_RANK)
+    r = config.r or basis.rank
+    if r > basis.rank and config.b_init == "basis":
+        raise ValueError(f"rank {r} exceeds the basis rank {basis.rank}; lower r or extract a basis of rank {r}")
+    return r
+
+
+def _resolve_side(basis: Basis | None, config: AdapterConfig) -> str:
+    if basis is None:
+        return config.side or "output"
+    if config.side is not None and config.side != basis.metadata.side:
+        raise ValueError(
+            f"side {config.side!r} conflicts with the basis side {basis.metadata.side!r}; "
+            "leave side unset when a basis is given"
+        )
+    return basis.metadata.side
+
+
+def _lora_config(modules: list[AdaptedModule], r: int, config: AdapterConfig) -> LoraConfig:
+    return LoraConfig(
+        r=r,
+        lora_alpha=config.lora_alpha if config.lora_alpha is not None else r,
+        lora_dropout=config.lora_dropout,
+        target_modules=[module.name for module in modules],
+        task_type="CAUSAL_LM",
+    )
+
+
+def _sidecar_record(basis: Basis | None, config: AdapterConfig, side: str, r: int) -> dict[str, Any]:
+    frozen = []
+    if config.mode == "frozen":
+        frozen = ["lora_B" if side == "output" else "lora_A"]
+    record: dict[str, Any] = {
+        "format_version": SIDECAR_VERSION,
+        "adapter_config": {**asdict(config), "r": r, "side": side},
+        "frozen_weights": frozen,
+    }
+    if basis is not None:
+        record["basis"] = {
+            "rank": basis.rank,
+            "side": basis.metadata.side,
+            "group": basis.metadata.group,
+            "sources": [source.model_id for source in basis.metadata.sources],
+        }
+    return record
+
+
+def add_cora_adapter(
+    peft_model: PeftModel, basis: Basis | None, config: AdapterConfig, adapter_name: str
+) -> PeftModel:
+    """Add one more CoRA (or plain LoRA) adapter to a model that already has PEFT adapters."""
+    if adapter_name in peft_model.peft_config:
+        raise ValueError(f"adapter {adapter_name!r} already exists; choose another adapter_name")
+    base = peft_model.get_base_model()
+    modules = select_modules(base, basis, config)
+    r = _resolve_rank(basis, config)
+    peft_model.add_adapter(adapter_name, _lora_config(modules, r, config))
+    _initialise_adapter(peft_model, modules, basis, config, adapter_name, r)
+    return peft_model
+
+
+def build_cora_model(
+    base_model: Any, basis: Basis | None, config: AdapterConfig, adapter_name: str = "default"
+) -> PeftModel:
+    """Wrap ``base_model`` in a PEFT model with one CoRA adapter.
+
+    Args:
+        base_model: a transformers causal LM.
+        basis: the common basis; None for plain LoRA or for the ablations whose
+            ``b_init`` needs no basis (zeros, ones, gaussian, orthogonal).
+        config: mode, rank and initialisation.
+        adapter_name: PEFT adapter name.
+
+    Raises:
+        ValueError: the basis does not fit the model (layer count, module shapes),
+            or the config needs a basis that was not given.
+    """
+    modules = select_modules(base_model, basis, config)
+    r = _resolve_rank(basis, config)
+    peft_model = get_peft_model(base_model, _lora_config(modules, r, config), adapter_name=adapter_name)
+    _initialise_adapter(peft_model, modules, basis, config, adapter_name, r)
+    return peft_model
+
+
+def _initialise_adapter(
+    peft_model: PeftModel,
+    modules: list[AdaptedModule],
+    basis: Basis | None,
+    config: AdapterConfig,
+    adapter_name: str,
+    r: int,
+) -> None:
+    side = _resolve_side(basis, config)
+    records = getattr(peft_model, "cora_records", {})
+    records[adapter_name] = _sidecar_record(basis, config, side, r)
+    peft_model.cora_records = records
+    if config.mode == "lora":
+        return
+
+    generator = torch.Generator().manual_seed(config.init_seed)
+    base = peft_model.get_base_model()
+    for module in modules:
+        layer = base.get_submodule(module.name)
+        _set_factors(layer, adapter_name, module, basis, config, side, generator)
+        if config.mode == "frozen":
+            freeze_factor(layer, adapter_name, "lora_B" if side == "output" else "lora_A")
+    logger.info(
+        "adapter %r: mode %s, side %s, r %d, %d modules, b_init %s, a_init %s",
+        adapter_name, config.mode, side, r, len(modules), config.b_init, config.a_init,
+    )
+
+
+def lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
+    """All LoRA layers of a PEFT model, by module name in the base model."""
+    base = peft_model.get_base_model()
+    return {name: module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
+
+
+def save_cora_adapter(peft_model: PeftModel, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Save one adapter as a standard PEFT folder plus ``cora_adapter.json``, atomically.
+
+    ``directory`` itself becomes the PEFT folder (``adapter_config.json``,
+    ``adapter_model.safetensors``), whatever the adapter name.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temp_dir = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        peft_model.save_pretrained(str(temp_dir), selected_adapters=[adapter_name])
+        saved = temp_dir if adapter_name == "default" else temp_dir / adapter_name
+        record = getattr(peft_model, "cora_records", {}).get(adapter_name)
+        if record is not None:
+            (saved / SIDECAR_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(saved, directory)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    return directory
+
+
+def read_sidecar(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``cora_adapter.json`` record of a saved adapter, or None for a plain PEFT adapter."""
+    path = Path(directory) / SIDECAR_NAME
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("format_version", 0) > SIDECAR_VERSION:
+        raise ValueError(f"{path} has format version {record['format_version']}; upgrade cora-adapters")
+    return record
+
+
+def load_cora_adapter(
+    model: Any, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+) -> PeftModel:
+    """Load a saved adapter with PEFT and freeze the factor that ``cora_adapter.json`` lists.
+
+    ``model`` is a transformers model (a new PEFT model is built) or a
+    ``PeftModel`` (the adapter is added to it under ``adapter_name``).
+    """
+    directory = Path(directory)
+    if not (directory / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"no PEFT adapter in {directory}: adapter_config.json is missing")
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(directory), adapter_name=adapter_name, is_trainable=is_trainable)
+        peft_model = model
+    else:
+        peft_model = PeftModel.from_pretrained(
+            model, str(directory), adapter_name=adapter_name, is_trainable=is_trainable
+        )
+
+    record = read_sidecar(directory)
+    if record is None:
+        return peft_model
+    records = getattr(peft_model, "cora_records", {})
+    records[adapter_name] = record
+    peft_model.cora_records = records
+    for layer in lora_layers(peft_model).values():
+        if adapter_name in layer.lora_A:
+            for weight_name in record.get("frozen_weights", ()):
+                freeze_factor(layer, adapter_name, weight_name)
+    return peft_model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
