@@ -21,13 +21,13 @@ $(STAMP): pyproject.toml requirements-ci.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-# METEOR needs WordNet: Debian's wordnet-base when apt-get is usable, then
+# METEOR needs WordNet: Debian's wordnet-base and wordnet-sense-index when apt-get is usable, then
 # `cora setup-wordnet` lays it out as nltk data.
 wordnet: $(STAMP)
-	@if [ ! -d /usr/share/wordnet ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		(apt-get install -y -q wordnet-base >/dev/null 2>&1 || \
-		 (apt-get update -q >/dev/null && apt-get install -y -q wordnet-base >/dev/null)) || \
-		echo "warning: could not install wordnet-base; METEOR will report how to install WordNet"; \
+	@if [ ! -f /usr/share/wordnet/index.sense ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -q wordnet-base wordnet-sense-index >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null && apt-get install -y -q wordnet-base wordnet-sense-index >/dev/null)) || \
+		echo "warning: could not install wordnet-base wordnet-sense-index; METEOR will report how to install WordNet"; \
 	fi
 	$(BIN)/cora setup-wordnet || echo "warning: WordNet not set up; METEOR will be unavailable"
 

@@ -1,0 +1,1 @@
+"""Data files shipped with cora (read through importlib.resources)."""
