@@ -214,3 +214,66 @@ def test_cli_reports_gqa_error(tmp_path, tiny_gqa_llama_dir, capsys):
     assert code == 2
     assert "--group module" in capsys.readouterr().err
     assert not (tmp_path / "b.safetensors").exists()
+
+
+# --- options ----------------------------------------------------------------------------------------------
+
+
+def test_frobenius_normalisation_matches_reference(tiny_llama_dir, tiny_llama_variant_dir):
+    sources = [loaded_qkv(tiny_llama_dir)[0], loaded_qkv(tiny_llama_variant_dir)[0]]
+    sources[1] = {role: weight * 100 for role, weight in sources[1].items()}  # normalising removes any scale
+    norms = [torch.sqrt(sum(w.double().pow(2).sum() for w in s.values())) for s in sources]
+    normalised = [{role: w / norm for role, w in s.items()} for s, norm in zip(sources, norms)]
+    expected, _, _ = reference_basis(normalised, ROLES, "output", 4)
+
+    basis = extract_basis(config([tiny_llama_dir, tiny_llama_variant_dir], rank=4, normalize="frobenius"))
+    torch.testing.assert_close(basis.factors["layers.0.qkv"].double(), expected, atol=1e-5, rtol=0)
+    assert basis.metadata.options["normalize"] == "frobenius"
+
+
+def test_base_model_differences_match_reference(tiny_llama_dir, tiny_llama_variant_dir):
+    base, variant = loaded_qkv(tiny_llama_dir)[1], loaded_qkv(tiny_llama_variant_dir)[1]
+    differences = [{role: variant[role] - base[role] for role in ROLES}]
+    expected, _, _ = reference_basis(differences, ROLES, "input", 4)
+    basis = extract_basis(config([tiny_llama_variant_dir], rank=4, side="input", base_model=str(tiny_llama_dir)))
+    torch.testing.assert_close(basis.factors["layers.1.qkv"].double(), expected, atol=1e-5, rtol=0)
+    assert basis.metadata.options["base_model"] == str(tiny_llama_dir)
+
+
+def test_centred_extraction_matches_pca(tiny_llama_dir):
+    weights = loaded_qkv(tiny_llama_dir)[0]
+    matrix = torch.cat([weights[role].double() for role in ROLES], dim=1)
+    u, _, _ = torch.linalg.svd(matrix - matrix.mean(dim=1, keepdim=True), full_matrices=False)
+    basis = extract_basis(config([tiny_llama_dir], rank=4, center=True))
+    torch.testing.assert_close(basis.factors["layers.0.qkv"].double(), fix_signs(u[:, :4]), atol=1e-5, rtol=0)
+
+
+def test_scaled_columns_carry_singular_values(tiny_llama_dir):
+    basis = extract_basis(config([tiny_llama_dir], rank=4, scale_by_singular_values=True))
+    norms = basis.factors["layers.0.qkv"].norm(dim=0)
+    torch.testing.assert_close(norms, basis.singular_values["layers.0.qkv"][:4], atol=1e-4, rtol=1e-5)
+
+
+def test_energy_threshold_picks_max_rank_over_layers(tiny_llama_dir):
+    basis = extract_basis(config([tiny_llama_dir], energy_threshold=0.5, method="exact"))
+    needed = []
+    for layer in (0, 1):
+        values = basis.singular_values[f"layers.{layer}.qkv"].double()
+        cumulative = torch.cumsum(values**2, 0) / (values**2).sum()
+        needed.append(int((cumulative >= 0.5).nonzero()[0]) + 1)
+    assert basis.rank == max(needed)
+    assert min(basis.metadata.energy.values()) >= 0.5
+
+
+def test_layer_subset_extracts_only_those(tiny_llama_dir):
+    basis = extract_basis(config([tiny_llama_dir], rank=2, layers=(1,)))
+    assert basis.metadata.layers == (1,)
+    assert list(basis.factors) == ["layers.1.qkv"]
+
+
+def test_cli_parses_layers_and_energy(tmp_path, tiny_llama_dir):
+    output = tmp_path / "basis.safetensors"
+    assert main(["extract", str(tiny_llama_dir), "--energy", "0.3", "--layers", "1-1", "-o", str(output)]) == 0
+    basis = Basis.load(output)
+    assert basis.metadata.layers == (1,)
+    assert basis.metadata.options["energy_threshold"] == 0.3
