@@ -166,6 +166,14 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         where = f"{prefix}." if prefix else ""
         raise ValueError(f"unknown run config field {where}{unknown[0]}; expected one of {sorted(fields)}")
 
+    required = [
+        f.name for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw
+    ]
+    if required:
+        where = f"{prefix}." if prefix else ""
+        raise ValueError(f"missing run config field {where}{required[0]}; set it in the config file or with a flag")
+
     values = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -176,8 +184,6 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             values[name] = _coerce(value, hint, key)
     try:
         return cls(**values)
-    except TypeError as error:  # a required field is missing
-        raise ValueError(f"invalid {prefix or 'run config'}: {error}") from error
     except ValueError as error:
         if prefix and not str(error).startswith(("invalid " + prefix, "unknown")):
             raise ValueError(f"{prefix}: {error}") from error

@@ -39,7 +39,7 @@ RUN_OUTPUTS = (ADAPTER_DIR_NAME, CHECKPOINT_DIR_NAME, "run_config.yaml", LOG_NAM
 
 @dataclass
 class TrainResult:
-    """What a finished run produced."""
+    """Outputs of a finished run."""
 
     run_dir: Path
     adapter_dir: Path
@@ -60,7 +60,8 @@ def tokenize_example(example: Example, template: str, tokenizer: Any, max_length
     Returns None when the prompt alone fills ``max_length`` and no response token fits.
     """
     # NOTE: prompt and response are tokenised separately, so a BPE merge across the
-    # boundary can differ from tokenising the joined text; generation sees the same split.
+    # boundary can differ from tokenising the joined text. At generation time the prompt is
+    # also tokenised on its own, so training and generation agree.
     prompt_ids = tokenizer(format_prompt(example, template, tokenizer), add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = (prompt_ids + response_ids)[:max_length]
@@ -88,7 +89,7 @@ def build_dataset(examples: list[Example], template: str, tokenizer: Any, max_le
 
 
 def bnb_4bit_config() -> Any:
-    """The bitsandbytes config of QLoRA (4-bit NF4, bfloat16 compute); needs CUDA."""
+    """Build the QLoRA bitsandbytes config (4-bit NF4, bfloat16 compute), which needs CUDA."""
     if not torch.cuda.is_available():
         raise RuntimeError(
             "training.load_in_4bit needs a CUDA GPU (bitsandbytes 4-bit kernels); "
@@ -180,7 +181,7 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Any:
 
 
 def load_splits(config: RunConfig) -> tuple[list[Example], list[Example]]:
-    """The training and held-out examples, split exactly as ``cora evaluate`` splits them."""
+    """Load the training and held-out examples, split exactly as ``cora evaluate`` splits them."""
     examples = load_examples(config.data.path, config.data.split)
     train, held_out = split_examples(examples, config.data)
     logger.info("%d training and %d held-out examples", len(train), len(held_out))
@@ -214,6 +215,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     last = get_last_checkpoint(str(folder))
     return Path(last) if last else None
+
+
+def _check_unfinished(run_dir: Path, checkpoint: Path, config: RunConfig) -> None:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    step = int(state.get("global_step", 0))
+    max_steps = config.training.max_steps
+    if max_steps is not None and step >= max_steps and (run_dir / SUMMARY_NAME).is_file():
+        raise ValueError(
+            f"run in {run_dir} already finished at step {step} of {max_steps}; nothing to resume. "
+            "Raise training.max_steps in run_config.yaml to train further"
+        )
 
 
 def final_loss(log_history: list[dict[str, Any]]) -> float | None:
@@ -276,6 +288,7 @@ def train_run(config: RunConfig, run_dir: str | os.PathLike, overwrite: bool = F
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise ValueError(f"no checkpoint in {run_dir / CHECKPOINT_DIR_NAME} to resume; set training.save_steps")
+        _check_unfinished(run_dir, checkpoint, config)
     else:
         prepare_run_dir(run_dir, overwrite)
     save_run_config(config, run_dir)

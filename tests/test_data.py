@@ -1,0 +1,117 @@
+"""Task data: row layouts, the deterministic held-out split and prompt templates."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from cora.data import DataConfig, Example, format_prompt, load_examples, read_rows, row_to_example, split_examples
+from test_training import ALPACA_ROWS, MBPP_ROWS, write_jsonl
+
+HUMANEVAL_ROW = {
+    "task_id": "HumanEval/0",
+    "prompt": "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n",
+    "canonical_solution": "    return a + b\n",
+    "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n",
+    "entry_point": "add",
+}
+
+
+def test_alpaca_row_with_input():
+    example = row_to_example(ALPACA_ROWS[3], 3)
+    assert example.input == "The fox jumps over the dog."
+    assert example.response == "The dog is jumped over by the fox."
+
+
+def test_mbpp_row_keeps_tests():
+    example = row_to_example(MBPP_ROWS[0], 0)
+    assert example.tests == ("assert add(1, 2) == 3",)
+    assert example.task_id == "1"
+
+
+def test_humaneval_row_keeps_entry_point():
+    example = row_to_example(HUMANEVAL_ROW, 0)
+    assert example.extra["entry_point"] == "add"
+    assert example.response == "    return a + b\n"
+
+
+def test_unknown_row_layout_rejected():
+    with pytest.raises(ValueError, match=r"row 0 has fields \['question'\]; expected Alpaca"):
+        row_to_example({"question": "why?"}, 0)
+
+
+def test_json_array_and_jsonl_read_alike(tmp_path):
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps(ALPACA_ROWS))
+    lines = write_jsonl(tmp_path / "rows.jsonl", ALPACA_ROWS)
+    assert read_rows(str(array)) == read_rows(lines)
+
+
+def test_gzipped_jsonl_is_read(tmp_path):
+    path = tmp_path / "HumanEval.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as stream:
+        stream.write(json.dumps(HUMANEVAL_ROW) + "\n")
+    assert load_examples(str(path))[0].task_id == "HumanEval/0"
+
+
+def test_missing_local_file_rejected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        read_rows(str(tmp_path / "absent.jsonl"))
+
+
+def test_split_is_deterministic_and_disjoint():
+    examples = [row_to_example(row, i) for i, row in enumerate(ALPACA_ROWS)]
+    config = DataConfig(path="unused", eval_size=2, seed=3)
+    train, held_out = split_examples(examples, config)
+    again_train, again_held_out = split_examples(list(reversed(examples)), config)
+    assert held_out == again_held_out
+    assert train == again_train
+    assert len(held_out) == 2
+    assert not set(train) & set(held_out)
+
+
+def test_duplicate_prompts_stay_on_one_side():
+    examples = [Example("Same question?", f"answer {i}", task_id=str(i)) for i in range(3)]
+    examples += [Example(f"Question {i}?", "answer", task_id=f"q{i}") for i in range(5)]
+    train, held_out = split_examples(examples, DataConfig(path="unused", eval_size=1))
+    train_prompts = {example.instruction for example in train}
+    assert not train_prompts & {example.instruction for example in held_out}
+
+
+def test_split_leaving_no_training_rejected():
+    examples = [row_to_example(row, i) for i, row in enumerate(ALPACA_ROWS[:2])]
+    with pytest.raises(ValueError, match="leaves no training examples"):
+        split_examples(examples, DataConfig(path="unused", eval_size=2))
+
+
+def test_data_config_rejects_eval_fraction_one():
+    with pytest.raises(ValueError, match="invalid eval_fraction 1.0"):
+        DataConfig(path="x", eval_fraction=1.0)
+
+
+def test_alpaca_template_includes_input_section():
+    prompt = format_prompt(row_to_example(ALPACA_ROWS[3], 3), "alpaca")
+    assert "### Input:\nThe fox jumps over the dog." in prompt
+    assert prompt.endswith("### Response:\n")
+
+
+def test_code_template_shows_first_test():
+    prompt = format_prompt(row_to_example(MBPP_ROWS[0], 0), "code")
+    assert "assert add(1, 2) == 3" in prompt
+    assert prompt.endswith("# Solution:\n")
+
+
+def test_completion_template_is_prompt_verbatim():
+    assert format_prompt(row_to_example(HUMANEVAL_ROW, 0), "completion") == HUMANEVAL_ROW["prompt"]
+
+
+def test_chat_template_without_tokenizer_template_rejected(tiny_tokenizer):
+    with pytest.raises(ValueError, match="template 'chat' needs a tokenizer with a chat template"):
+        format_prompt(Example("Hi?", "Hello."), "chat", tiny_tokenizer)
+
+
+def test_unknown_template_rejected():
+    with pytest.raises(ValueError, match="invalid template 'markdown'"):
+        format_prompt(Example("Hi?", "Hello."), "markdown")
