@@ -234,3 +234,44 @@ def test_adapter_config_rejects_b_init_for_lora_mode():
 def test_target_modules_subset_adapts_only_those(tiny_model):
     model = build_cora_model(tiny_model, svd_basis(tiny_model), AdapterConfig(mode="frozen", target_modules=("q_proj",)))
     assert sorted(lora_layers(model)) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+
+
+def test_extracted_basis_fits_its_model(tiny_llama_dir, tiny_llama_variant_dir, tiny_model):
+    from cora.extract import ExtractConfig, extract_basis
+
+    basis = extract_basis(
+        ExtractConfig(models=(str(tiny_llama_dir), str(tiny_llama_variant_dir)), rank=RANK, show_progress=False)
+    )
+    model = build_cora_model(tiny_model, basis, AdapterConfig(mode="frozen"))
+    layer = lora_layers(model)["model.layers.1.self_attn.v_proj"]
+    assert torch.equal(layer.lora_B["default"].weight, basis.factor(1, "v"))
+
+
+def test_fused_gpt2_input_basis_goes_to_lora_A(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cora.extract import ExtractConfig, extract_basis
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    basis = extract_basis(
+        ExtractConfig(models=(str(tmp_path / "gpt2"),), rank=RANK, side="input", show_progress=False)
+    )
+    model = build_cora_model(gpt2, basis, AdapterConfig(mode="frozen"))
+    layer = lora_layers(model)["transformer.h.0.attn.c_attn"]
+    assert torch.equal(layer.lora_A["default"].weight, basis.factor(0, "q").T)
+    trainable, _ = count_parameters(model)
+    assert trainable == 2 * RANK * 3 * 32  # 2 layers x r * out of the fused (96, 32) projection
+
+
+def test_fused_output_side_basis_rejected(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cora.extract import ExtractConfig, extract_basis
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    basis = extract_basis(ExtractConfig(models=(str(tmp_path / "gpt2"),), rank=RANK, side="output", show_progress=False))
+    with pytest.raises(ValueError, match="fused modules work with side=input, group=qkv"):
+        build_cora_model(gpt2, basis, AdapterConfig(mode="frozen"))

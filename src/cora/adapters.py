@@ -171,8 +171,8 @@ def _select_fused(model: Any, basis: Basis, config: AdapterConfig) -> list[Adapt
             "is not supported; fused modules work with side=input, group=qkv (one lora_A for the fused input), "
             "or use a model with separate q_proj/k_proj/v_proj"
         )
-    # NOTE: the fused path maps the basis onto one module per layer; only Llama-style
-    # separate projections are covered by the test suite.
+    # One lora_A per fused module serves q, k and v, because they read the same input.
+    # NOTE: tests cover GPT-2's c_attn; Phi-3, NeoX and Falcon follow the same path untested.
     return [
         AdaptedModule(f"{metadata.layer_prefix}.{layer}.{metadata.fused_module}", layer, ("q", "k", "v"))
         for layer in metadata.layers
