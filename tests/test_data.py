@@ -115,3 +115,15 @@ def test_chat_template_without_tokenizer_template_rejected(tiny_tokenizer):
 def test_unknown_template_rejected():
     with pytest.raises(ValueError, match="invalid template 'markdown'"):
         format_prompt(Example("Hi?", "Hello."), "markdown")
+
+
+def test_self_instruct_row_uses_first_instance():
+    row = {
+        "id": "user_oriented_task_0",
+        "instruction": "Rewrite the sentence more concisely.",
+        "instances": [{"input": "If you have any questions, please let me know.", "output": "Questions? Let me know."}],
+    }
+    example = row_to_example(row, 0)
+    assert example.input == "If you have any questions, please let me know."
+    assert example.response == "Questions? Let me know."
+    assert example.task_id == "user_oriented_task_0"

@@ -7,6 +7,7 @@ held-out part that ``cora evaluate`` scores is never seen by ``cora train``.
 Supported row layouts, detected from the fields of the first row:
 
 * Alpaca style: ``instruction``, optional ``input``, ``output`` (or ``response``).
+* Self-Instruct style: ``instruction`` and ``instances``, a list of ``{input, output}``.
 * MBPP style: ``text`` (or ``prompt``), ``code``, optional ``test_list``.
 * HumanEval style: ``prompt`` (signature and docstring), ``canonical_solution``.
 """
@@ -106,6 +107,13 @@ def _read_hub_rows(dataset_id: str, split: str) -> list[dict[str, Any]]:
 def row_to_example(row: dict[str, Any], index: int) -> Example:
     """Convert one raw row to an :class:`Example`, detecting its layout from its fields."""
     task_id = str(row.get("task_id", row.get("id", index)))
+    if "instruction" in row and row.get("instances"):
+        # Self-Instruct style: one instruction with a list of {input, output} instances.
+        # NOTE: only the first instance is used; the user-oriented eval set has one per row.
+        instance = row["instances"][0]
+        return Example(
+            str(row["instruction"]), str(instance["output"]), input=str(instance.get("input") or ""), task_id=task_id
+        )
     if "instruction" in row and ("output" in row or "response" in row):
         response = row.get("output", row.get("response"))
         return Example(str(row["instruction"]), str(response), input=str(row.get("input") or ""), task_id=task_id)
