@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cora.adapters import build_cora_model, count_parameters, save_cora_adapter
+from cora.adapters import SIDECAR_NAME, build_cora_model, count_parameters, save_cora_adapter
 from cora.basis import Basis
 from cora.data import Example, format_prompt, load_examples, split_examples
 from cora.models import load_base_model
@@ -174,6 +174,7 @@ def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Any:
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every LoRA factor takes part in each forward pass
         report_to=[],
         disable_tqdm=False,
         **checkpointing,
@@ -267,7 +268,13 @@ def plot_loss_curve(run_dir: Path, log_history: list[dict[str, Any]]) -> Path:
 # --- the run -------------------------------------------------------------------------------------
 
 
-def train_run(config: RunConfig, run_dir: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> TrainResult:
+def train_run(
+    config: RunConfig,
+    run_dir: str | os.PathLike,
+    overwrite: bool = False,
+    resume: bool = False,
+    callbacks: list[Any] | None = None,
+) -> TrainResult:
     """Train the adapter that ``config`` describes and write the run folder.
 
     Args:
@@ -276,6 +283,10 @@ def train_run(config: RunConfig, run_dir: str | os.PathLike, overwrite: bool = F
         overwrite: remove the outputs of an earlier run in ``run_dir`` first.
         resume: continue from the last checkpoint in ``run_dir/checkpoints`` (same
             step, data order and optimiser state); ``config`` must match the saved one.
+        callbacks: extra ``transformers.TrainerCallback`` objects for the Trainer.
+
+    Under ``accelerate launch`` (DDP, FSDP, DeepSpeed) every process trains, and
+    only the main process writes the run folder.
 
     Raises:
         ValueError: the run folder is not empty, or ``resume`` finds no checkpoint.
@@ -283,15 +294,19 @@ def train_run(config: RunConfig, run_dir: str | os.PathLike, overwrite: bool = F
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
     run_dir = Path(run_dir)
+    # Built first: it sets up the process group when launched with several processes.
+    args = training_arguments(config, run_dir, config.training.eval_steps is not None)
     checkpoint = None
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise ValueError(f"no checkpoint in {run_dir / CHECKPOINT_DIR_NAME} to resume; set training.save_steps")
         _check_unfinished(run_dir, checkpoint, config)
-    else:
+    elif args.should_save:
         prepare_run_dir(run_dir, overwrite)
-    save_run_config(config, run_dir)
+    if args.should_save:
+        save_run_config(config, run_dir)
+    args.distributed_state.wait_for_everyone()
 
     set_seed(config.training.seed)
     model, tokenizer = prepare_model(config)
@@ -304,11 +319,13 @@ def train_run(config: RunConfig, run_dir: str | os.PathLike, overwrite: bool = F
 
     trainer = Trainer(
         model=model,
-        args=training_arguments(config, run_dir, eval_set is not None),
+        args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+        callbacks=callbacks,
     )
+    _warn_if_engine_ignored(trainer)
     trainable, total = count_parameters(model)
     logger.info("training %d of %d parameters (%.3f%%)", trainable, total, 100.0 * trainable / total)
 
@@ -316,7 +333,7 @@ def train_run(config: RunConfig, run_dir: str | os.PathLike, overwrite: bool = F
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
     checkpoints = run_dir / CHECKPOINT_DIR_NAME
-    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+    if args.should_save and checkpoints.is_dir() and not any(checkpoints.iterdir()):
         checkpoints.rmdir()  # the Trainer creates it even when it saves no checkpoint
     return _write_outputs(run_dir, model, trainer, output, trainable, total, seconds)
 
@@ -328,9 +345,7 @@ def _write_outputs(
     last_loss = final_loss(log_history)
     if last_loss is None:  # fewer steps than logging_steps: only the run mean was logged
         last_loss = float(output.training_loss)
-    adapter_dir = save_cora_adapter(model, run_dir / ADAPTER_DIR_NAME)
-    write_log(run_dir, log_history)
-    plot_loss_curve(run_dir, log_history)
+    adapter_dir = save_trained_adapter(trainer, model, run_dir / ADAPTER_DIR_NAME)
     result = TrainResult(
         run_dir=run_dir,
         adapter_dir=adapter_dir,
@@ -349,9 +364,52 @@ def _write_outputs(
         "final_loss": result.final_loss,
         "mean_train_loss": float(output.training_loss),
     }
-    write_atomic(run_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+    if trainer.args.should_save:
+        write_log(run_dir, log_history)
+        plot_loss_curve(run_dir, log_history)
+        write_atomic(run_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+    trainer.args.distributed_state.wait_for_everyone()
     logger.info("run finished: %d steps in %.1f s, final loss %s", result.steps, seconds, result.final_loss)
     return result
+
+
+def _warn_if_engine_ignored(trainer: Any) -> None:
+    # accelerate 1.15 enables FSDP only for GPU-like devices; with CPU processes it
+    # runs plain data parallel without saying so.
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        logger.warning("the accelerate config asks for FSDP, but accelerate enables it only on GPUs; "
+                       "training runs as plain data parallel on %d processes", trainer.args.world_size)
+
+
+def _is_sharded_or_multi_process(trainer: Any) -> bool:
+    return trainer.args.world_size > 1 or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+
+
+def save_trained_adapter(trainer: Any, model: Any, directory: Path) -> Path:
+    """Save the trained adapter as a PEFT folder with ``cora_adapter.json``, from any number of processes.
+
+    One process saves with :func:`save_cora_adapter`. Under DDP, FSDP or
+    DeepSpeed every process joins ``Trainer.save_model``, which gathers sharded
+    parameters (FSDP full state dict, ZeRO-3 consolidation), and the main process
+    writes the sidecar and renames the folder into place.
+    """
+    if not _is_sharded_or_multi_process(trainer):
+        return save_cora_adapter(model, directory)
+
+    temp_dir = directory.parent / f".{directory.name}.saving"
+    if trainer.args.should_save and temp_dir.exists():
+        shutil.rmtree(temp_dir)
+    trainer.args.distributed_state.wait_for_everyone()
+    trainer.save_model(str(temp_dir))
+    if trainer.args.should_save:
+        record = getattr(model, "cora_records", {}).get("default")
+        if record is not None:
+            write_atomic(temp_dir / SIDECAR_NAME, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(temp_dir, directory)
+    trainer.args.distributed_state.wait_for_everyone()
+    return directory
 
 
 def resume_run(run_dir: str | os.PathLike) -> TrainResult:
