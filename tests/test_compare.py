@@ -208,3 +208,51 @@ def test_load_grid_resolves_data_root(tmp_path, tiny_llama_dir, tiny_llama_varia
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(raw))
     grid = load_grid(tmp_path / "grid.yaml")
     assert grid.resolve_data_path("alpaca.jsonl") == str(tmp_path / "data" / "alpaca.jsonl")
+
+
+# --- methods that grids compare: PiSSA (PEFT init) ---------------------------------------------------
+
+
+def _logits(model, tokenizer):
+    import torch
+
+    batch = tokenizer(["def add(a, b):"], return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_pissa_saved_adapter_reloads_on_plain_base(tiny_llama_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cora.adapters import AdapterConfig, build_cora_model, load_cora_adapter, save_cora_adapter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    reference = _logits(base, tokenizer)
+    model = build_cora_model(base, None, AdapterConfig(mode="lora", r=4, init_lora_weights="pissa"))
+    assert torch.allclose(_logits(model, tokenizer), reference, atol=1e-4)  # PiSSA keeps the output at init
+
+    with torch.no_grad():  # stands in for training: move both factors away from their init
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    trained = _logits(model, tokenizer)
+    save_cora_adapter(model, tmp_path / "adapter")
+
+    reloaded = load_cora_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "adapter")
+    assert torch.allclose(_logits(reloaded, tokenizer), trained, atol=1e-4)
+
+
+def test_pissa_rejected_for_frozen_mode():
+    from cora.adapters import AdapterConfig
+
+    with pytest.raises(ValueError, match="init_lora_weights 'pissa' applies to mode 'lora' only"):
+        AdapterConfig(mode="frozen", init_lora_weights="pissa")
+
+
+def test_invalid_peft_init_rejected():
+    from cora.adapters import AdapterConfig
+
+    with pytest.raises(ValueError, match="invalid init_lora_weights 'olora'"):
+        AdapterConfig(mode="lora", init_lora_weights="olora")

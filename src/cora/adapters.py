@@ -34,8 +34,10 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,7 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj")
 DEFAULT_RANK = 8
 SIDECAR_NAME = "cora_adapter.json"
 SIDECAR_VERSION = 1
+PEFT_INITS = re.compile(r"default|pissa|pissa_niter_[1-9][0-9]*")  # LoraConfig.init_lora_weights values offered
 
 
 @dataclass
@@ -71,6 +74,8 @@ class AdapterConfig:
     a_init: str = "kaiming"  # free factor: kaiming (PEFT's lora_A init) | zeros
     side: str | None = None  # output | input; only used without a basis (a basis carries its side)
     init_seed: int = 0  # seed of the random ablation matrices and of the free factor
+    # mode lora only: "default" (PEFT's init), "pissa" or "pissa_niter_N" (PiSSA, arXiv 2404.02948)
+    init_lora_weights: str = "default"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -91,6 +96,15 @@ class AdapterConfig:
             raise ValueError(
                 f"b_init {self.b_init!r} and a_init {self.a_init!r} apply to modes frozen and trainable; "
                 "mode 'lora' always uses PEFT's initialisation (lora_A Kaiming, lora_B zeros)"
+            )
+        if not PEFT_INITS.fullmatch(self.init_lora_weights):
+            raise ValueError(
+                f"invalid init_lora_weights {self.init_lora_weights!r}; expected default, pissa or pissa_niter_N"
+            )
+        if self.init_lora_weights != "default" and self.mode != "lora":
+            raise ValueError(
+                f"init_lora_weights {self.init_lora_weights!r} applies to mode 'lora' only; "
+                f"mode {self.mode!r} initialises its factors from b_init and a_init"
             )
         if isinstance(self.target_modules, str):
             self.target_modules = (self.target_modules,)
@@ -303,6 +317,7 @@ def _lora_config(modules: list[AdaptedModule], r: int, config: AdapterConfig) ->
         r=r,
         lora_alpha=config.lora_alpha if config.lora_alpha is not None else r,
         lora_dropout=config.lora_dropout,
+        init_lora_weights=True if config.init_lora_weights == "default" else config.init_lora_weights,
         target_modules=[module.name for module in modules],
         task_type="CAUSAL_LM",
     )
@@ -361,7 +376,32 @@ def build_cora_model(
     r = _resolve_rank(basis, config)
     peft_model = get_peft_model(base_model, _lora_config(modules, r, config), adapter_name=adapter_name)
     _initialise_adapter(peft_model, modules, basis, config, adapter_name, r)
+    if config.init_lora_weights.startswith("pissa"):
+        _save_pissa_initial_adapter(peft_model, adapter_name)
     return peft_model
+
+
+def _save_pissa_initial_adapter(peft_model: PeftModel, adapter_name: str) -> None:
+    """Save the adapter as initialised, so that saving after training can convert it to plain LoRA.
+
+    PiSSA subtracts its initial ``B @ A`` from the base weights. PEFT's
+    ``save_pretrained(path_initial_model_for_weight_conversion=...)`` turns the
+    trained adapter into a rank-2r LoRA adapter of the unmodified base model,
+    given the initial adapter saved with ``init_lora_weights=True``.
+    """
+    # NOTE: Trainer checkpoints of a PiSSA run are not converted; resuming one rebuilds the residual from the
+    # base weights, which is exact for "pissa" but differs for "pissa_niter_N" (randomised SVD).
+    folder = Path(tempfile.mkdtemp(prefix="cora-pissa-init-"))
+    peft_model.peft_config[adapter_name].init_lora_weights = True
+    peft_model.save_pretrained(str(folder / "saved"), selected_adapters=[adapter_name])
+    saved = folder / "saved" if adapter_name == "default" else folder / "saved" / adapter_name
+    # PEFT loads the initial adapter under its folder name, which must differ from every adapter name in use.
+    initial_dir = folder / "cora_pissa_initial"
+    os.replace(saved, initial_dir)
+    initial = getattr(peft_model, "cora_initial_adapters", {})
+    initial[adapter_name] = initial_dir
+    peft_model.cora_initial_adapters = initial
+    weakref.finalize(peft_model, shutil.rmtree, folder, True)
 
 
 def _initialise_adapter(
@@ -402,13 +442,16 @@ def save_cora_adapter(peft_model: PeftModel, directory: str | os.PathLike, adapt
     """Save one adapter as a standard PEFT folder plus ``cora_adapter.json``, atomically.
 
     ``directory`` itself becomes the PEFT folder (``adapter_config.json``,
-    ``adapter_model.safetensors``), whatever the adapter name.
+    ``adapter_model.safetensors``), whatever the adapter name. A PiSSA adapter is
+    saved converted to a rank-2r LoRA adapter of the unmodified base model.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     temp_dir = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        peft_model.save_pretrained(str(temp_dir), selected_adapters=[adapter_name])
+        initial = getattr(peft_model, "cora_initial_adapters", {}).get(adapter_name)
+        conversion = {"path_initial_model_for_weight_conversion": str(initial)} if initial is not None else {}
+        peft_model.save_pretrained(str(temp_dir), selected_adapters=[adapter_name], **conversion)
         saved = temp_dir if adapter_name == "default" else temp_dir / adapter_name
         record = getattr(peft_model, "cora_records", {}).get(adapter_name)
         if record is not None:
