@@ -61,6 +61,7 @@ class Decomposition:
     singular_values: torch.Tensor  # (k,) float64, largest first, k >= r
     total_energy: float  # ||M||_F^2 (after centring, if any)
     method: str
+    flops: float = 0.0  # estimated floating-point operations of the decomposition
 
     @property
     def captured_energy(self) -> float:
@@ -166,21 +167,33 @@ def decompose(
     method = resolve_method(method, matrix.dim, rank)
     total = matrix.frobenius_squared()
 
+    dim, columns = matrix.dim, matrix.columns
     if method == "exact":
         u, s, _ = torch.linalg.svd(matrix.dense(), full_matrices=False)
         basis, singular_values = u[:, :rank], s
+        small, large = sorted((dim, columns))
+        flops = 4 * small**2 * large + 8 * small**3  # textbook count for an SVD with thin U
     elif method == "gram":
         eigenvalues, eigenvectors = torch.linalg.eigh(matrix.gram())  # ascending
         basis = eigenvectors[:, -rank:].flip(1)
         singular_values = eigenvalues.flip(0).clamp_min(0).sqrt()
+        flops = 2 * dim**2 * columns + 9 * dim**3  # Gram products, then a dense eigh
     else:
-        basis, singular_values = _randomized(matrix, rank, randomized or RandomizedOptions())
+        basis, singular_values, passes, width = _randomized(matrix, rank, randomized or RandomizedOptions())
+        flops = passes * 2 * dim * columns * width  # each pass multiplies M or M.T by (., width)
 
-    return Decomposition(fix_signs(basis), singular_values, total, method)
+    return Decomposition(fix_signs(basis), singular_values, total, method, float(flops))
 
 
-def _randomized(matrix: ColumnBlocks, rank: int, options: RandomizedOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Subspace iteration on ``M @ M.T`` from a Gaussian start, with Rayleigh-Ritz at each step."""
+def _randomized(
+    matrix: ColumnBlocks, rank: int, options: RandomizedOptions
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Subspace iteration on ``M @ M.T`` from a Gaussian start, with Rayleigh-Ritz at each step.
+
+    Returns:
+        The basis ``(dim, rank)``, the Ritz singular values, the number of products with ``M`` or
+        ``M.T`` and the subspace width.
+    """
     width = min(matrix.dim, rank + max(options.oversample, rank))
     generator = torch.Generator().manual_seed(options.seed)
     start = [torch.randn(b.shape[1], width, generator=generator) for b in matrix.blocks]
@@ -202,7 +215,7 @@ def _randomized(matrix: ColumnBlocks, rank: int, options: RandomizedOptions) -> 
     basis = q.double() @ eigenvectors[:, -rank:].flip(1)  # (dim, rank)
     basis, _ = torch.linalg.qr(basis)  # re-orthonormalise after the float32 products; signs are fixed later
     singular_values = eigenvalues.flip(0).clamp_min(0).sqrt()
-    return basis, singular_values
+    return basis, singular_values, 2 * iteration + 2, width
 
 
 def energy_ratio(basis: torch.Tensor, reference: torch.Tensor, blocks: list[torch.Tensor], center: bool = False) -> float:

@@ -15,6 +15,7 @@ matrix per role.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -210,8 +211,14 @@ def layer_blocks(
     return blocks
 
 
-def extract_basis(config: ExtractConfig) -> Basis:
-    """Extract the common basis described by ``config`` from its source models."""
+def extract_basis(config: ExtractConfig, stats: dict[str, float] | None = None) -> Basis:
+    """Extract the common basis described by ``config`` from its source models.
+
+    Args:
+        config: what to extract.
+        stats: if given, filled with ``read_seconds``, ``decompose_seconds`` and ``gflop`` (an
+            estimate of the decomposition's floating-point work) for the main pass.
+    """
     readers = open_readers(config.models, config.module_names)
     base_reader = open_readers((config.base_model,), config.module_names)[0] if config.base_model else None
     layers = _select_layers(readers, config.layers)
@@ -230,8 +237,9 @@ def extract_basis(config: ExtractConfig) -> Basis:
     del first_weights
 
     factors, singular_values, energy, methods = {}, {}, {}, set()
+    timings = {"read_seconds": 0.0, "decompose_seconds": 0.0, "gflop": 0.0}
     for layer in tqdm(layers, desc="extract", unit="layer", disable=not config.show_progress):
-        for target, result in _decompose_layer(config, readers, base_reader, layer, rank).items():
+        for target, result in _decompose_layer(config, readers, base_reader, layer, rank, timings=timings).items():
             key = tensor_key(layer, target)
             basis = result.basis
             if config.scale_by_singular_values:
@@ -241,6 +249,8 @@ def extract_basis(config: ExtractConfig) -> Basis:
             energy[key] = result.captured_energy
             methods.add(result.method)
 
+    if stats is not None:
+        stats.update(timings)
     metadata = _metadata(config, readers, layers, shapes, names, rank, energy, methods)
     return Basis(factors=factors, singular_values=singular_values, metadata=metadata)
 
@@ -265,7 +275,9 @@ def _select_layers(readers: list[QKVReader], requested: tuple[int, ...] | None) 
 def _decompose_layer(
     config: ExtractConfig, readers: list[QKVReader], base_reader: QKVReader | None, layer: int, rank: int,
     method: str | None = None,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Decomposition]:
+    started = time.perf_counter()
     weights = [r.read_layer(layer) for r in readers]
     check_shapes(readers, layer, weights)
     base = None
@@ -274,10 +286,17 @@ def _decompose_layer(
         check_shapes([readers[0], base_reader], layer, [weights[0], base])
     blocks = layer_blocks(weights, config.side, config.group, base, config.normalize)
     del weights, base
-    return {
+    read_done = time.perf_counter()
+
+    results = {
         target: decompose(target_blocks, rank, method or config.method, config.center, config.randomized)
         for target, target_blocks in blocks.items()
     }
+    if timings is not None:
+        timings["read_seconds"] += read_done - started
+        timings["decompose_seconds"] += time.perf_counter() - read_done
+        timings["gflop"] += sum(r.flops for r in results.values()) / 1e9
+    return results
 
 
 def _rank_for_energy(
