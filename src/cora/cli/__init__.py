@@ -15,7 +15,7 @@ import sys
 from cora import __version__
 
 # Subcommand modules, in the order `cora --help` lists them.
-SUBCOMMANDS = ("extract", "inspect_basis", "train", "evaluate", "merge", "demo", "compare", "setup_wordnet")
+SUBCOMMANDS = ("extract", "inspect_basis", "train", "evaluate", "merge", "convert", "demo", "compare", "setup_wordnet")
 
 
 def build_parser() -> argparse.ArgumentParser:
