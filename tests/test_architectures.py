@@ -188,3 +188,24 @@ def test_explicit_module_names_read_unlisted_architecture(tmp_path):
     _, _, vh = torch.linalg.svd(matrix)
     overlap = torch.linalg.svdvals(vh[:2] @ basis.factors["layers.1.qkv"].double())
     torch.testing.assert_close(overlap, torch.ones(2, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_cli_accepts_explicit_module_names(tmp_path):
+    from cora.basis import Basis
+    from cora.cli import main
+
+    directory = save(opt_model(), tmp_path / "opt")
+    output = tmp_path / "basis.safetensors"
+    code = main(["extract", str(directory), "--rank", "2", "--side", "input", "--q-name", "self_attn.q_proj",
+                 "--k-name", "self_attn.k_proj", "--v-name", "self_attn.v_proj", "-o", str(output)])
+    assert code == 0
+    assert Basis.load(output).metadata.modules[2].name == "self_attn.v_proj"
+
+
+def test_cli_rejects_partial_module_names(tmp_path, capsys):
+    from cora.cli import main
+
+    directory = save(opt_model(), tmp_path / "opt")
+    code = main(["extract", str(directory), "--rank", "2", "--q-name", "self_attn.q_proj", "-o", str(tmp_path / "b")])
+    assert code == 2
+    assert "give all three of --q-name, --k-name and --v-name" in capsys.readouterr().err
