@@ -65,7 +65,7 @@ class PredictionRecord:
 
     task_id: str
     prompt: str
-    prediction: str  # the first (greedy) completion
+    prediction: str  # the first completion: the greedy one, or the first sample when sampling
     reference: str
     samples: list[str] | None = None  # every completion, when more than one was drawn
     passed: list[bool] | None = None  # test outcome per completion, when executed

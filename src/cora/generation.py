@@ -81,7 +81,7 @@ def generate_completions(
 
     Args:
         model: a causal LM (plain transformers or PEFT), on the device to run on.
-        tokenizer: its tokenizer; needs a pad token or an EOS token to pad with.
+        tokenizer: its tokenizer; without a pad token, its EOS token becomes the pad token.
         prompts: texts the completions continue.
         progress: show a tqdm progress bar over batches.
 
