@@ -256,3 +256,51 @@ def test_invalid_peft_init_rejected():
 
     with pytest.raises(ValueError, match="invalid init_lora_weights 'olora'"):
         AdapterConfig(mode="lora", init_lora_weights="olora")
+
+
+# --- LoRA-FA (PEFT optimizer) ------------------------------------------------------------------------
+
+
+def test_lorafa_run_trains_only_lora_B(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from cora.runs import RunConfig
+    from cora.training import train_run
+
+    data = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA_ROWS)
+    config = RunConfig.from_dict(
+        {
+            "model": str(tiny_llama_dir),
+            "data": {"path": data, "eval_size": 2},
+            "adapter": {"mode": "lora", "r": 4, "init_seed": 0},
+            "training": {"max_steps": 2, "batch_size": 2, "max_length": 192, "optimizer": "lorafa", "lr": 1e-2},
+        }
+    )
+    result = train_run(config, tmp_path / "run")
+    assert result.trainable_parameters == 2 * 3 * 4 * 64  # lora_B only: layers x q/k/v x (out, r)
+
+    from transformers import set_seed
+
+    from cora.training import prepare_model
+
+    set_seed(config.training.seed)  # the same seeding and model set-up as train_run
+    initial, _ = prepare_model(config)
+    initial_A = {n: p for n, p in initial.state_dict().items() if "lora_A" in n}
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    name = next(n for n in saved if "lora_A" in n)
+    live = next(n for n in initial_A if n.replace(".default", "") == name)
+    assert (saved[name] == initial_A[live]).all()  # lora_A stayed at its init
+    assert saved[name.replace("lora_A", "lora_B")].abs().sum() > 0  # lora_B moved away from zero
+
+
+def test_lorafa_rejected_for_frozen_mode(tiny_llama_dir):
+    from cora.runs import RunConfig
+
+    with pytest.raises(ValueError, match="training.optimizer 'lorafa' .* needs adapter.mode 'lora'"):
+        RunConfig.from_dict(
+            {
+                "data": {"path": "a.jsonl"},
+                "adapter": {"mode": "frozen", "b_init": "orthogonal"},
+                "training": {"optimizer": "lorafa"},
+            }
+        )

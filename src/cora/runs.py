@@ -47,6 +47,7 @@ SCHEDULERS = (
     "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
 )
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "lorafa")
 RUN_CONFIG_NAME = "run_config.yaml"
 ADAPTER_DIR_NAME = "adapter"
 
@@ -73,6 +74,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 or fp16 on a CUDA GPU, fp32 otherwise) | fp32 | bf16 | fp16
     load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base model through bitsandbytes (CUDA only)
+    optimizer: str = "adamw"  # adamw (the Trainer's) | lorafa (PEFT's LoRA-FA: lora_A frozen, projected B update)
 
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size", "gradient_accumulation_steps", "max_length", "logging_steps")
@@ -87,6 +89,8 @@ class TrainingConfig:
             raise ValueError(f"invalid training.lr_scheduler {self.lr_scheduler!r}; expected one of {SCHEDULERS}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"invalid training.precision {self.precision!r}; expected one of {PRECISIONS}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"invalid training.optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
 
 
 @dataclass
@@ -134,6 +138,11 @@ class RunConfig:
             raise ValueError(
                 f"adapter.mode {self.adapter.mode!r} with b_init 'basis' needs a basis file; "
                 "set basis (--basis), or use mode 'lora' or another b_init"
+            )
+        if self.training.optimizer == "lorafa" and self.adapter.mode != "lora":
+            raise ValueError(
+                f"training.optimizer 'lorafa' freezes lora_A of a plain LoRA adapter; it needs adapter.mode 'lora', "
+                f"not {self.adapter.mode!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:

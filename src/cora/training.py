@@ -139,6 +139,17 @@ def prepare_model(config: RunConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def lorafa_optimizer(model: Any, config: RunConfig) -> Any:
+    """Build PEFT's LoRA-FA optimizer (arXiv 2308.03303), which also freezes every ``lora_A``."""
+    from peft.optimizers import create_lorafa_optimizer
+
+    peft_config = model.peft_config[model.active_adapter]  # r and lora_alpha as the adapter was built
+    return create_lorafa_optimizer(
+        model, r=peft_config.r, lora_alpha=peft_config.lora_alpha, lr=config.training.lr,
+        weight_decay=config.training.weight_decay,
+    )
+
+
 def training_arguments(config: RunConfig, run_dir: Path, has_eval: bool) -> Any:
     from transformers import TrainingArguments
 
@@ -324,6 +335,7 @@ def train_run(
         eval_dataset=eval_set,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
         callbacks=callbacks,
+        optimizers=(lorafa_optimizer(model, config), None) if config.training.optimizer == "lorafa" else (None, None),
     )
     _warn_if_engine_ignored(trainer)
     trainable, total = count_parameters(model)
