@@ -40,11 +40,16 @@ def full_lora_tensors(model) -> dict[str, torch.Tensor]:
     for name, parameter in model.named_parameters():
         if "lora_" not in name:
             continue
+        key = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
         if hasattr(parameter, "full_tensor"):  # FSDP2 shards parameters as DTensors
-            parameter = parameter.full_tensor()
-        tensors[name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")] = (
-            parameter.detach().cpu().clone().contiguous()
-        )
+            tensors[key] = parameter.full_tensor().detach().cpu().clone()
+        elif hasattr(parameter, "ds_id"):  # DeepSpeed ZeRO-3 partitions parameters
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([parameter]):
+                tensors[key] = parameter.detach().cpu().clone()
+        else:
+            tensors[key] = parameter.detach().cpu().clone()
     return tensors
 
 
@@ -64,8 +69,14 @@ def run_worker(argv: list[str]) -> None:
         def on_train_end(self, training_args, state, control, model=None, **kwargs):
             tensors = full_lora_tensors(model)
             save_file(tensors, str(dump_dir / f"rank{training_args.process_index}.safetensors"))
-            sharded = sum(hasattr(p, "full_tensor") for name, p in model.named_parameters() if "lora_" in name)
-            facts = {"world_size": training_args.world_size, "sharded_lora_parameters": sharded}
+            from accelerate.state import AcceleratorState
+
+            lora_parameters = [p for name, p in model.named_parameters() if "lora_" in name]
+            facts = {
+                "world_size": training_args.world_size,
+                "distributed_type": str(AcceleratorState().distributed_type),
+                "sharded_lora_parameters": sum(hasattr(p, "full_tensor") or hasattr(p, "ds_id") for p in lora_parameters),
+            }
             (dump_dir / f"rank{training_args.process_index}.json").write_text(json.dumps(facts))
 
     dump_dir = args.dump
@@ -167,6 +178,7 @@ def saved_adapter(work: Path) -> dict[str, torch.Tensor]:
 def test_ddp_two_ranks_end_with_identical_adapters(tiny_llama_dir, distributed_inputs):
     work, ranks, facts, basis = train_on_two_ranks("ddp.yaml", tiny_llama_dir, distributed_inputs, "ddp")
     assert [f["world_size"] for f in facts] == [2, 2]
+    assert facts[0]["distributed_type"] == "DistributedType.MULTI_CPU"
     assert_same_adapter_on_both_ranks(ranks)
     assert_frozen_basis_unchanged(ranks[0], basis)
 
@@ -193,6 +205,23 @@ def test_fsdp2_shards_adapter_and_keeps_basis(tiny_llama_dir, distributed_inputs
     saved = saved_adapter(work)
     assert_frozen_basis_unchanged(saved, basis)
     key = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
+    assert torch.equal(saved[key], ranks[0][key.replace(".weight", ".default.weight")])
+
+
+# ZeRO-3 is the stage that partitions the frozen basis; ZeRO-2 replicates parameters
+# like DDP and is left to the same worker run by hand, to keep the suite short.
+@pytest.mark.slow
+def test_deepspeed_zero3_keeps_basis_on_both_ranks(tiny_llama_dir, distributed_inputs):
+    pytest.importorskip("deepspeed")
+    work, ranks, facts, basis = train_on_two_ranks("deepspeed_zero3.yaml", tiny_llama_dir, distributed_inputs, "zero3")
+    assert facts[0]["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert facts[0]["sharded_lora_parameters"] == 2 * 3 * 2  # lora_A and lora_B of q, k, v in 2 layers
+    assert_same_adapter_on_both_ranks(ranks)
+    assert_frozen_basis_unchanged(ranks[0], basis)
+
+    saved = saved_adapter(work)
+    assert_frozen_basis_unchanged(saved, basis)
+    key = "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"
     assert torch.equal(saved[key], ranks[0][key.replace(".weight", ".default.weight")])
 
 

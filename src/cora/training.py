@@ -397,13 +397,45 @@ def _is_sharded_or_multi_process(trainer: Any) -> bool:
     return trainer.args.world_size > 1 or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
 
 
+def _is_zero3(trainer: Any) -> bool:
+    plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def _save_zero3_adapter(trainer: Any, model: Any, directory: Path) -> None:
+    # Trainer.save_model leaves frozen parameters out of a PEFT model under ZeRO-3
+    # (transformers 5.23), which would drop a frozen basis from the adapter. Gathering
+    # every LoRA factor first saves both. All processes must enter the gather.
+    import deepspeed
+
+    factors = [parameter for name, parameter in model.named_parameters() if "lora_" in name]
+    with deepspeed.zero.GatheredParameters(factors):
+        if trainer.args.should_save:
+            model.save_pretrained(str(directory), selected_adapters=["default"])
+
+
+def _check_saved_factors(directory: Path, record: dict[str, Any] | None) -> None:
+    """Raise if a factor that the adapter keeps frozen is missing from the saved weights."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as reader:
+        names = list(reader.keys())
+    for weight_name in (record or {}).get("frozen_weights", ()):
+        if not any(f".{weight_name}." in name for name in names):
+            raise RuntimeError(
+                f"the saved adapter in {directory} lacks the frozen {weight_name}; the distributed engine "
+                "left frozen parameters out of the state dict, so the adapter would not load correctly"
+            )
+
+
 def save_trained_adapter(trainer: Any, model: Any, directory: Path) -> Path:
     """Save the trained adapter as a PEFT folder with ``cora_adapter.json``, from any number of processes.
 
     One process saves with :func:`save_cora_adapter`. Under DDP, FSDP or
-    DeepSpeed every process joins ``Trainer.save_model``, which gathers sharded
-    parameters (FSDP full state dict, ZeRO-3 consolidation), and the main process
-    writes the sidecar and renames the folder into place.
+    DeepSpeed ZeRO-2 every process joins ``Trainer.save_model``, which gathers an
+    FSDP full state dict; under ZeRO-3 every process joins a gather of the LoRA
+    factors. The main process then writes the sidecar, checks that the frozen
+    factor was saved and renames the folder into place.
     """
     if not _is_sharded_or_multi_process(trainer):
         return save_cora_adapter(model, directory)
@@ -412,9 +444,13 @@ def save_trained_adapter(trainer: Any, model: Any, directory: Path) -> Path:
     if trainer.args.should_save and temp_dir.exists():
         shutil.rmtree(temp_dir)
     trainer.args.distributed_state.wait_for_everyone()
-    trainer.save_model(str(temp_dir))
+    if _is_zero3(trainer):
+        _save_zero3_adapter(trainer, model, temp_dir)
+    else:
+        trainer.save_model(str(temp_dir))
     if trainer.args.should_save:
         record = getattr(model, "cora_records", {}).get("default")
+        _check_saved_factors(temp_dir, record)
         if record is not None:
             write_atomic(temp_dir / SIDECAR_NAME, json.dumps(record, indent=2, sort_keys=True) + "\n")
         if directory.exists():
