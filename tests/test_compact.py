@@ -168,3 +168,30 @@ def test_cli_convert_reports_wrong_basis(trained_run, other_basis, tmp_path, cap
     code = main(["convert", str(trained_run), "--basis", str(other_basis), "-o", str(tmp_path / "x.cora.safetensors")])
     assert code == 2
     assert "differs from basis file" in capsys.readouterr().err
+
+
+def test_compact_with_peft_suffix_targets(tiny_tokenizer, tmp_path):
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    # 7 layers x q, k, v = 21 target modules: PEFT rewrites 20 or more full names into suffixes.
+    torch.manual_seed(0)
+    config = tiny_llama_config(len(tiny_tokenizer), num_key_value_heads=4)
+    config.num_hidden_layers = 7
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "deep")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "deep")
+    basis_path = svd_basis(base).save(tmp_path / "basis.safetensors")
+    model = build_cora_model(base, svd_basis(base), AdapterConfig(mode="frozen"))
+    assert model.peft_config["default"].target_modules == {"q_proj", "k_proj", "v_proj"}
+    train_one_step(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids()).logits
+
+    path = save_compact_adapter(model, tmp_path / "deep.cora.safetensors", basis_path)
+    assert len(load_file(str(path))) == 7 * 3
+    loaded = load_compact_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "deep"), path, basis_path)
+    loaded.eval()
+    with torch.no_grad():
+        logits = loaded(input_ids=input_ids()).logits
+    assert torch.equal(logits, expected)

@@ -304,3 +304,11 @@ def test_lorafa_rejected_for_frozen_mode(tiny_llama_dir):
                 "training": {"optimizer": "lorafa"},
             }
         )
+
+
+@pytest.mark.parametrize("name", ["quick", "instruction", "code", "sources"])
+def test_committed_grid_is_valid(name):
+    from pathlib import Path
+
+    grid = load_grid(Path(__file__).parents[1] / "configs" / "grids" / f"{name}.yaml")
+    assert grid.name == name

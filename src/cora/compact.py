@@ -218,11 +218,14 @@ def _lora_config_dict(lora_config: LoraConfig) -> dict[str, Any]:
     return json.loads(json.dumps(raw, default=lambda value: sorted(value) if isinstance(value, set) else str(value)))
 
 
-def modules_from_basis(basis: Basis, target_names: set[str]) -> list[AdaptedModule]:
-    """The adapted modules named in ``target_names``, with the layer and roles the basis gives them.
+def modules_from_basis(basis: Basis, target_modules: set[str]) -> list[AdaptedModule]:
+    """The basis modules that ``target_modules`` selects, with the layer and roles the basis gives them.
+
+    ``target_modules`` matches as in PEFT: a full module name or a name suffix. PEFT
+    itself rewrites a list of 20 or more full names into suffixes such as ``q_proj``.
 
     Raises:
-        ValueError: a target module is not covered by the basis.
+        ValueError: a target module selects no module of the basis.
     """
     metadata = basis.metadata
     if metadata.fused_module is not None:
@@ -230,12 +233,15 @@ def modules_from_basis(basis: Basis, target_names: set[str]) -> list[AdaptedModu
     else:
         candidates = [(record.name, (record.role,)) for record in metadata.modules]
     modules = []
+    matched: set[str] = set()
     for layer in metadata.layers:
         for relative_name, roles in candidates:
             name = f"{metadata.layer_prefix}.{layer}.{relative_name}"
-            if name in target_names:
+            targets = {t for t in target_modules if name == t or name.endswith(f".{t}")}
+            if targets:
                 modules.append(AdaptedModule(name, layer, roles))
-    uncovered = sorted(target_names - {module.name for module in modules})
+                matched |= targets
+    uncovered = sorted(target_modules - matched)
     if uncovered:
         raise ValueError(f"the basis has no factor for adapted modules {uncovered[:3]}; pass the adapter's basis file")
     return modules

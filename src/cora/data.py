@@ -52,7 +52,7 @@ class Example:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where examples come from and how the held-out part is chosen."""
+    """Source of the examples and the choice of the held-out part."""
 
     path: str  # JSON/JSONL(.gz) file, or a Hub dataset id ("hub:ID" or an id that is not a local path)
     split: str = "train"  # Hub dataset split to read
@@ -87,7 +87,7 @@ def read_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
     else:
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     if not rows or not all(isinstance(row, dict) for row in rows):
-        raise ValueError(f"{path} holds no JSON objects; expected a list of rows or one JSON object per line")
+        raise ValueError(f"{path} contains no JSON objects; expected a list of rows or one JSON object per line")
     return rows
 
 

@@ -27,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"cora.cli.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"cora.cli.{name}":
-                raise
-            continue  # NOTE: subcommand not built yet in this checkout
-        module.register(subparsers)
+        importlib.import_module(f"cora.cli.{name}").register(subparsers)
     return parser
 
 
