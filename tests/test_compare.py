@@ -233,7 +233,7 @@ def test_pissa_saved_adapter_reloads_on_plain_base(tiny_llama_dir, tmp_path):
     model = build_cora_model(base, None, AdapterConfig(mode="lora", r=4, init_lora_weights="pissa"))
     assert torch.allclose(_logits(model, tokenizer), reference, atol=1e-4)  # PiSSA keeps the output at init
 
-    with torch.no_grad():  # stands in for training: move both factors away from their init
+    with torch.no_grad():  # in place of training: move both factors away from their init
         for name, parameter in model.named_parameters():
             if "lora_" in name:
                 parameter.add_(0.05 * torch.randn_like(parameter))
@@ -312,3 +312,17 @@ def test_committed_grid_is_valid(name):
 
     grid = load_grid(Path(__file__).parents[1] / "configs" / "grids" / f"{name}.yaml")
     assert grid.name == name
+
+
+def test_failing_cell_does_not_stop_grid(tiny_llama_dir, tiny_llama_variant_dir, tmp_path):
+    data = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA_ROWS)
+    raw = tiny_grid(tiny_llama_dir, tiny_llama_variant_dir, data)
+    raw["seeds"] = [0]
+    raw["methods"] = {
+        "too_wide": {"adapter": {"mode": "frozen", "r": 8}, "basis": "two_models"},  # the basis has rank 4
+        "lora": {"adapter": {"mode": "lora"}},
+    }
+    result = run_grid(grid_from_dict(raw), tmp_path / "out")
+    assert len(result.failed) == 1
+    assert result.failed[0].startswith("alpaca/too_wide/seed 0: rank 8 exceeds the basis rank 4")
+    assert [record["method"] for record in result.records] == ["lora"]

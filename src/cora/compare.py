@@ -440,7 +440,7 @@ def _source_fingerprints(spec: BasisSpec, sources: dict[str, Path]) -> list[str]
 
 
 def training_finished(run_dir: Path, config: RunConfig) -> bool:
-    """Check that ``run_dir`` holds a finished run of exactly ``config``."""
+    """Check that ``run_dir`` contains a finished run of exactly ``config``."""
     from cora.runs import ADAPTER_DIR_NAME, load_run_config
     from cora.training import SUMMARY_NAME
 
@@ -576,7 +576,7 @@ def _load_cell_model(plan: RunPlan, config: RunConfig, device: str) -> tuple[Any
 
 @dataclass
 class GridResult:
-    """What a grid run did and the per-evaluation records the report is built from."""
+    """Counts and timing of one grid invocation, with the per-evaluation records of the report."""
 
     records: list[dict[str, Any]]  # one per (cell, eval set) with a metrics.json
     curves: dict[tuple[str, str], list[list[tuple[int, float]]]]  # (task, method) -> loss curve per seed
@@ -584,6 +584,7 @@ class GridResult:
     trained: int  # runs trained (or resumed) in this invocation
     evaluated: int  # evaluations computed in this invocation
     skipped: int  # cells whose training and evaluations were all finished already
+    failed: list[str] = field(default_factory=list)  # "label: error" of each cell that raised
     report_paths: list[Path] = field(default_factory=list)
 
 
@@ -616,10 +617,17 @@ def run_grid(grid: GridConfig, out_dir: str | os.PathLike, device: str | None = 
     plans = resolve_plans(grid, out_dir, sources, bases)
 
     trained = evaluated = skipped = 0
+    failed = []
     for plan in tqdm(plans, desc=f"grid {grid.name}", unit="run"):
         config = plan.run_config(grid)
-        cell_trained = train_cell(plan, config) if plan.method.train else False
-        cell_evaluated = evaluate_cell(grid, plan, config, device)
+        try:
+            cell_trained = train_cell(plan, config) if plan.method.train else False
+            cell_evaluated = evaluate_cell(grid, plan, config, device)
+        except (RuntimeError, ValueError, OSError) as error:
+            # One failing cell (out of memory, a diverged run) should not stop a long grid.
+            logger.error("cell %s failed: %s", plan.label, error, exc_info=True)
+            failed.append(f"{plan.label}: {error}")
+            continue
         trained += int(cell_trained)
         evaluated += cell_evaluated
         skipped += int(not cell_trained and not cell_evaluated)
@@ -631,6 +639,7 @@ def run_grid(grid: GridConfig, out_dir: str | os.PathLike, device: str | None = 
         trained=trained,
         evaluated=evaluated,
         skipped=skipped,
+        failed=failed,
     )
     if report:
         from cora.report import write_report

@@ -94,7 +94,7 @@ class SourceModelSpec:
 
 
 def source_is_built(directory: Path, fingerprint: str) -> bool:
-    """Check that ``directory`` holds a merged checkpoint built from the spec with ``fingerprint``."""
+    """Check that ``directory`` contains a merged checkpoint built from the spec with ``fingerprint``."""
     record_path = directory / SOURCE_RECORD_NAME
     if not (record_path.is_file() and (directory / "config.json").is_file()):
         return False

@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(plans)} cells, {len(grid.bases)} bases, {len(grid.sources)} source models")
         return 0
 
+    result = None
     if args.report_only:
         plans = plan_runs(grid, args.output)
         records = collect_records(grid, plans)
@@ -56,4 +57,9 @@ def run(args: argparse.Namespace) -> int:
         )
     for path in paths:
         print(f"wrote {path}")
+    if result is not None and result.failed:
+        print(f"{len(result.failed)} cells failed; fix the cause and run the same command again:")
+        for line in result.failed:
+            print(f"  {line}")
+        return 1
     return 0
