@@ -84,7 +84,7 @@ class AdapterServer:
         return self.activate(name).generate(**kwargs)
 
     def frozen_factors(self, name: str) -> dict[str, torch.nn.Parameter]:
-        """The frozen factor of adapter ``name`` per module: lora_B for side=output, lora_A for side=input."""
+        """Return the frozen factor of adapter ``name`` per module: lora_B for side=output, lora_A for side=input."""
         if self.model is None:
             return {}
         record = self.model.cora_records[name]
