@@ -32,7 +32,7 @@ STEPS = 3
 
 
 def full_lora_tensors(model) -> dict[str, torch.Tensor]:
-    """Every lora_A/lora_B parameter at full size, gathered from shards where FSDP sharded it.
+    """Collect every lora_A/lora_B parameter at full size, gathering FSDP2 and ZeRO-3 shards.
 
     All ranks must call this together: gathering a sharded tensor is a collective.
     """
@@ -54,6 +54,7 @@ def full_lora_tensors(model) -> dict[str, torch.Tensor]:
 
 
 def run_worker(argv: list[str]) -> None:
+    from accelerate.state import AcceleratorState
     from transformers import TrainerCallback
 
     from cora.runs import load_config
@@ -69,7 +70,6 @@ def run_worker(argv: list[str]) -> None:
         def on_train_end(self, training_args, state, control, model=None, **kwargs):
             tensors = full_lora_tensors(model)
             save_file(tensors, str(dump_dir / f"rank{training_args.process_index}.safetensors"))
-            from accelerate.state import AcceleratorState
 
             lora_parameters = [p for name, p in model.named_parameters() if "lora_" in name]
             facts = {
