@@ -68,7 +68,7 @@ def test_difference_basis_spans_the_fine_tune_update(built_source, tiny_llama_di
         tasks=[TaskSpec("t", {"path": data}, eval=[EvalSetSpec("held_out", metrics=("rouge1",))])],
         methods=[MethodSpec("lora", adapter={"mode": "lora"})],
         sources=[spec],
-        bases=[BasisSpec("diff", ("source:alpaca_ft",), base_difference=True, options={"rank": 2, "group": "module"})],
+        bases=[BasisSpec("diff", ("source:alpaca_ft",), base_difference=True, options={"rank": 2, "group": "module", "method": "exact"})],
     )
     path = extract_bases(grid, folder / "grid", {"alpaca_ft": directory})["diff"]
     basis = Basis.load(path)

@@ -206,12 +206,18 @@ class GridConfig:
         return next(method for method in self.methods if method.name == name)
 
     def resolve_data_path(self, path: str) -> str:
-        """Resolve a data path against ``data_root``; absolute paths and Hub ids stay as they are."""
+        """Resolve a data path against ``data_root`` to an absolute path; Hub ids stay as they are.
+
+        Absolute paths make the run configs, and so the skipping of finished
+        runs, independent of the working directory.
+        """
         local = Path(path)
         if local.is_absolute() or path.startswith("hub:"):
             return path
         candidate = self.data_root / local
-        return str(candidate) if candidate.exists() or not local.exists() else path
+        if candidate.exists() or not local.exists():
+            return str(candidate.resolve())
+        return str(local.resolve())
 
 
 def _named(section: Any, kind: str) -> list[tuple[str, dict[str, Any]]]:
@@ -608,7 +614,7 @@ def run_grid(grid: GridConfig, out_dir: str | os.PathLike, device: str | None = 
     from tqdm.auto import tqdm
 
     started = time.monotonic()
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # absolute paths in run configs, whatever the working directory
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
