@@ -17,7 +17,8 @@ uses grouped-query attention (k/v out 192, q out 576), so one output-side basis
 per layer cannot serve q, k and v.
 
 One step is forward, backward, ``AdamW.step`` and ``zero_grad`` on a fixed batch
-of random token ids. The worker reports the median step time, peak RSS
+of random token ids. The worker reports the median step time (wall and CPU
+time of the process), peak RSS
 (``ru_maxrss``), optimizer state bytes, trainable parameters and the adapter
 file sizes (PEFT folder, and the compact file for ``frozen``).
 
@@ -128,9 +129,9 @@ def run_worker(method: str, basis_file: Path, batch: int, seq: int, warmup: int,
     vocab = model.config.vocab_size
     input_ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))  # (batch, seq)
 
-    times = []
+    times, cpu_times = [], []
     for step in range(warmup + steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         if optimizer is not None:
@@ -138,11 +139,13 @@ def run_worker(method: str, basis_file: Path, batch: int, seq: int, warmup: int,
             optimizer.zero_grad(set_to_none=True)
         if step >= warmup:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
 
     return {
         "method": method,
         "median_step_seconds": statistics.median(times),
         "step_seconds": times,
+        "step_cpu_seconds": cpu_times,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "optimizer_state_bytes": optimizer_state_bytes(optimizer) if optimizer is not None else 0,
         "trainable_parameters": sum(p.numel() for p in trainable),
@@ -173,6 +176,7 @@ def summarise(results: dict[str, list[dict]], batch: int, seq: int) -> dict[str,
         median = statistics.median(steps)
         summary[method] = {
             "median_step_seconds": median,
+            "median_step_cpu_seconds": statistics.median(t for run in runs for t in run["step_cpu_seconds"]),
             "tokens_per_second": batch * seq / median,
             "peak_rss_bytes": statistics.median(run["peak_rss_bytes"] for run in runs),
             "optimizer_state_bytes": runs[0]["optimizer_state_bytes"],
@@ -186,15 +190,16 @@ def summarise(results: dict[str, list[dict]], batch: int, seq: int) -> dict[str,
 
 
 def print_table(summary: dict[str, dict]) -> None:
-    print("| method | median step (s) | tokens/s | peak RSS (MiB) | optimizer state (bytes) "
-          "| trainable params | adapter file (bytes) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | median step (s) | median step CPU (s) | tokens/s | peak RSS (MiB) "
+          "| optimizer state (bytes) | trainable params | adapter file (bytes) |")
+    print("|---|---|---|---|---|---|---|---|")
     for method, row in summary.items():
         size = row["adapter_bytes"]
         if row["compact_bytes"]:
             size = f"{size} (compact {row['compact_bytes']})"
         print(
-            f"| {method} | {row['median_step_seconds']:.3f} | {row['tokens_per_second']:.0f} "
+            f"| {method} | {row['median_step_seconds']:.3f} | {row['median_step_cpu_seconds']:.3f} "
+            f"| {row['tokens_per_second']:.0f} "
             f"| {row['peak_rss_bytes'] / 2**20:.0f} | {row['optimizer_state_bytes']} "
             f"| {row['trainable_parameters']} | {size if size is not None else '-'} |"
         )
@@ -213,7 +218,9 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+        # One thread by default: on a shared machine, CPU time per step then measures
+        # the work itself, while wall time also counts waiting for a core.
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
         print(json.dumps(run_worker(args.worker, args.basis, args.batch, args.seq, args.warmup, args.steps)))
         return
     if args.quick:
@@ -237,6 +244,7 @@ def main() -> None:
     print_table(summary)
     print(json.dumps(summary))
     lora, frozen = summary["lora"], summary["frozen"]
+    print(f"frozen/lora_cpu_time={frozen['median_step_cpu_seconds'] / lora['median_step_cpu_seconds']:.3f}")
     print(
         f"train_step: frozen/lora_time={frozen['median_step_seconds'] / lora['median_step_seconds']:.3f} "
         f"frozen/lora_rss={frozen['peak_rss_bytes'] / lora['peak_rss_bytes']:.3f} "
