@@ -16,6 +16,7 @@ from cora.decompose import (
     fix_signs,
     principal_angles,
     resolve_method,
+    use_top_eigensolver,
 )
 
 
@@ -47,8 +48,35 @@ def test_exact_methods_match_svd(method):
 def test_gram_singular_values_match_svd():
     blocks = blocks_with_spectrum(torch.linspace(20, 1, 40).double(), dim=48, columns=120, parts=3)
     expected = torch.linalg.svdvals(torch.cat([b.double() for b in blocks], dim=1))
-    result = decompose(blocks, rank=6, method="gram")
+    result = decompose(blocks, rank=6, method="gram", full_spectrum=True)
     torch.testing.assert_close(result.singular_values[:40], expected[:40], atol=1e-6, rtol=1e-6)
+
+
+def test_top_eigensolver_singular_values_match_svd():
+    blocks = blocks_with_spectrum(torch.linspace(20, 1, 40).double(), dim=96, columns=120, parts=3)
+    expected = torch.linalg.svdvals(torch.cat([b.double() for b in blocks], dim=1))
+    result = decompose(blocks, rank=6, method="gram")
+    assert result.singular_values.shape == (6,)
+    torch.testing.assert_close(result.singular_values, expected[:6], atol=1e-6, rtol=1e-6)
+
+
+def test_gram_uses_top_eigensolver_for_small_rank():
+    assert use_top_eigensolver(4096, 64, RandomizedOptions())
+    assert use_top_eigensolver(576, 8, RandomizedOptions())
+    assert not use_top_eigensolver(96, 40, RandomizedOptions())
+
+
+def test_top_eigensolver_matches_dense_eigh_basis():
+    blocks = blocks_with_spectrum(torch.linspace(20, 1, 40).double(), dim=128, columns=300, parts=3)
+    top = decompose(blocks, rank=8, method="gram")
+    dense = decompose(blocks, rank=8, method="gram", full_spectrum=True)
+    torch.testing.assert_close(top.basis, dense.basis, atol=1e-6, rtol=0)
+
+
+def test_top_eigensolver_reaches_energy_on_clustered_spectrum():
+    blocks = blocks_with_spectrum(CLUSTERED, dim=256, columns=768, parts=6)
+    result = decompose(blocks, rank=8, method="gram")
+    assert energy_ratio(result.basis, exact_basis(blocks, 8), blocks) >= 0.999
 
 
 def test_randomized_reaches_energy_on_clustered_spectrum():
@@ -90,9 +118,9 @@ def test_centred_randomized_reaches_energy():
     assert energy_ratio(result.basis, u[:, :8], blocks, center=True) >= 0.999
 
 
-def test_auto_chooses_by_dimension():
+def test_auto_chooses_by_dimension_and_rank():
     assert resolve_method("auto", AUTO_GRAM_MAX_DIM, 8) == "gram"
-    assert resolve_method("auto", 4096, 8) == "randomized"
+    assert resolve_method("auto", 2 * AUTO_GRAM_MAX_DIM, 8) == "randomized"
     assert resolve_method("auto", 4096, 2048) == "gram"
 
 
@@ -138,7 +166,7 @@ def smollm2_layers():
     ]
 
 
-@pytest.mark.parametrize("method", ["randomized", "auto"])
+@pytest.mark.parametrize("method", ["randomized", "gram", "auto"])
 def test_real_weights_energy_ratio_per_module(smollm2_layers, method):
     for index, weights in enumerate(smollm2_layers):
         for role, weight in weights.items():
@@ -148,7 +176,14 @@ def test_real_weights_energy_ratio_per_module(smollm2_layers, method):
             assert ratio >= 0.999, f"layer {index} {role}: {ratio}"
 
 
-def test_real_weights_input_qkv_randomized(smollm2_layers):
+@pytest.mark.parametrize("method", ["randomized", "gram"])
+def test_real_weights_input_qkv(smollm2_layers, method):
     blocks = [w.T for w in smollm2_layers[1].values()]  # input side: (in, out) blocks
-    result = decompose(blocks, rank=16, method="randomized")
+    result = decompose(blocks, rank=16, method=method)
     assert energy_ratio(result.basis, exact_basis(blocks, 16), blocks) >= 0.999
+
+
+def test_real_weights_two_sources_gram_top_eigensolver(smollm2_layers):
+    blocks = [smollm2_layers[0]["q"], smollm2_layers[2]["q"]]  # (576, 576) each, as from two sources
+    result = decompose(blocks, rank=8, method="gram")
+    assert energy_ratio(result.basis, exact_basis(blocks, 8), blocks) >= 0.999

@@ -276,6 +276,7 @@ def _decompose_layer(
     config: ExtractConfig, readers: list[QKVReader], base_reader: QKVReader | None, layer: int, rank: int,
     method: str | None = None,
     timings: dict[str, float] | None = None,
+    full_spectrum: bool = False,
 ) -> dict[str, Decomposition]:
     started = time.perf_counter()
     weights = [r.read_layer(layer) for r in readers]
@@ -289,7 +290,8 @@ def _decompose_layer(
     read_done = time.perf_counter()
 
     results = {
-        target: decompose(target_blocks, rank, method or config.method, config.center, config.randomized)
+        target: decompose(target_blocks, rank, method or config.method, config.center, config.randomized,
+                          full_spectrum=full_spectrum)
         for target, target_blocks in blocks.items()
     }
     if timings is not None:
@@ -306,7 +308,8 @@ def _rank_for_energy(
     needed = 1
     method = "gram" if config.method == "auto" else config.method
     for layer in tqdm(layers, desc="spectrum", unit="layer", disable=not config.show_progress):
-        for result in _decompose_layer(config, readers, base_reader, layer, 1, method).values():
+        for result in _decompose_layer(config, readers, base_reader, layer, 1, method,
+                                       full_spectrum=True).values():
             cumulative = torch.cumsum(result.singular_values**2, 0) / max(result.total_energy, 1e-300)
             reached = (cumulative >= config.energy_threshold - 1e-12).nonzero()
             needed = max(needed, int(reached[0]) + 1 if len(reached) else len(cumulative))
