@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
 from dataclasses import dataclass, field
@@ -132,7 +133,21 @@ class GGUFSource(_FileTracking):
         weight = weight.reshape(tuple(int(d) for d in reversed(tensor.shape)))  # GGUF lists dims inner first
         if self._architecture == "llama":
             weight = self._undo_llama_permutation(name, weight)
-        return torch.from_numpy(weight.copy())
+        result = torch.from_numpy(weight.copy())
+        self._release_pages(tensor)
+        return result
+
+    def _release_pages(self, tensor) -> None:
+        """Drop the file pages of one tensor from this process's memory map.
+
+        ``GGUFReader`` maps the whole file for the reader's lifetime, and every page that a read
+        touches would otherwise stay in the resident set, so it would grow with each layer read.
+        """
+        mapping = getattr(self._reader.data, "_mmap", None)  # numpy.memmap keeps its mmap.mmap here
+        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = tensor.data_offset - tensor.data_offset % mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
 
     def _undo_llama_permutation(self, name: str, weight: np.ndarray) -> np.ndarray:
         # llama.cpp's converter reorders the rows of each q/k head from the rotary "half" layout
