@@ -265,13 +265,78 @@ def test_fused_gpt2_input_basis_goes_to_lora_A(tmp_path):
     assert trainable == 2 * RANK * 3 * 32  # 2 layers x r * out of the fused (96, 32) projection
 
 
-def test_fused_output_side_basis_rejected(tmp_path):
+def gpt2_and_basis(tmp_path, side: str, group: str):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from cora.extract import ExtractConfig, extract_basis
 
+    torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4))
     gpt2.save_pretrained(tmp_path / "gpt2")
-    basis = extract_basis(ExtractConfig(models=(str(tmp_path / "gpt2"),), rank=RANK, side="output", show_progress=False))
-    with pytest.raises(ValueError, match="fused modules work with side=input, group=qkv"):
+    config = ExtractConfig(models=(str(tmp_path / "gpt2"),), rank=RANK, side=side, group=group, show_progress=False)
+    return gpt2, extract_basis(config)
+
+
+def test_fused_input_module_basis_rejected(tmp_path):
+    gpt2, basis = gpt2_and_basis(tmp_path, "input", "module")
+    with pytest.raises(ValueError, match="side=input, group=module is not supported"):
         build_cora_model(gpt2, basis, AdapterConfig(mode="frozen"))
+
+
+@pytest.mark.parametrize("group", ["qkv", "module"])
+def test_fused_output_B_holds_role_blocks(tmp_path, group):
+    gpt2, basis = gpt2_and_basis(tmp_path, "output", group)
+    model = build_cora_model(gpt2, basis, AdapterConfig(mode="frozen"))
+    lora_B = lora_layers(model)["transformer.h.1.attn.c_attn"].lora_B["default"].weight  # (96, 3r)
+    assert lora_B.shape == (96, 3 * RANK)
+    expected = torch.zeros(96, 3 * RANK)
+    for index, role in enumerate("qkv"):
+        rows = torch.tensor(basis.metadata.fused_rows[role])
+        expected[rows, index * RANK:(index + 1) * RANK] = basis.factor(1, role)
+    assert torch.equal(lora_B, expected)
+
+
+def test_fused_output_equals_three_separate_loras(tmp_path):
+    gpt2, basis = gpt2_and_basis(tmp_path, "output", "module")
+    base_out = {}
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        base_out = gpt2.transformer.h[0].attn.c_attn(x)  # (2, 5, 96)
+    model = build_cora_model(gpt2, basis, AdapterConfig(mode="frozen", lora_alpha=2 * RANK))
+    layer = lora_layers(model)["transformer.h.0.attn.c_attn"]
+    lora_A = layer.lora_A["default"].weight  # (3r, in)
+
+    expected = base_out.clone()
+    for index, role in enumerate("qkv"):
+        rows = torch.tensor(basis.metadata.fused_rows[role])
+        a_role = lora_A[index * RANK:(index + 1) * RANK]  # (r, in)
+        expected[..., rows] += 2.0 * (x @ a_role.T) @ basis.factor(0, role).T  # scaling = lora_alpha / r = 2
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_output_frozen_trains_3r_times_in(tmp_path):
+    gpt2, basis = gpt2_and_basis(tmp_path, "output", "module")
+    model = build_cora_model(gpt2, basis, AdapterConfig(mode="frozen"))
+    trainable, _ = count_parameters(model)
+    assert trainable == 2 * 3 * RANK * 32  # 2 layers x lora_A (3r, in), as three rank-r LoRAs
+
+
+def test_fused_output_trainable_trains_whole_B(tmp_path):
+    gpt2, basis = gpt2_and_basis(tmp_path, "output", "module")
+    model = build_cora_model(gpt2, basis, AdapterConfig(mode="trainable"))
+    trainable, _ = count_parameters(model)
+    assert trainable == 2 * 3 * RANK * (32 + 96)  # the off-block zeros of lora_B (96, 3r) train too
+
+
+def test_fused_output_frozen_B_unchanged_by_training(tmp_path):
+    gpt2, basis = gpt2_and_basis(tmp_path, "output", "module")
+    model = build_cora_model(gpt2, basis, AdapterConfig(mode="frozen"))
+    lora_A, lora_B = frozen_pairs(model)[0]
+    before_A, before_B = lora_A.detach().clone(), lora_B.detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = input_ids() % 64  # GPT-2's vocabulary here has 64 tokens
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert not torch.equal(lora_A, before_A)
+    assert torch.equal(lora_B, before_B)

@@ -17,6 +17,13 @@ Modes (in brackets, the names in Xiao et al., "CoRA", arXiv 2409.02119):
   or ``r * out`` (side=input).
 * ``trainable`` [TB, trainable basis]: both factors train, starting from the basis.
 
+A fused q/k/v module (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, ...) with an output-side
+basis gets one LoRA of rank ``3r``: ``lora_B`` holds ``U_q``, ``U_k`` and ``U_v`` in
+separate column blocks on their own output rows (:func:`fused_output_B`), which
+equals three rank-r LoRAs. Frozen mode then trains ``3r * in`` parameters per
+fused module; trainable mode trains ``3r * (in + fused_out)``, because the zero
+entries outside the blocks train too.
+
 ``b_init`` always names what fills the basis-side factor and ``a_init`` the free
 factor, whichever of ``lora_A``/``lora_B`` the side makes them. So with side=input,
 ``b_init`` sets ``lora_A`` and ``a_init`` sets ``lora_B``.
@@ -179,18 +186,28 @@ def select_modules(model: Any, basis: Basis | None, config: AdapterConfig) -> li
 
 def _select_fused(model: Any, basis: Basis, config: AdapterConfig) -> list[AdaptedModule]:
     metadata = basis.metadata
-    if not (metadata.side == "input" and metadata.group == "qkv"):
+    if metadata.side == "input" and metadata.group == "module":
         raise ValueError(
-            f"fused q/k/v module {metadata.fused_module!r} with side={metadata.side}, group={metadata.group} "
-            "is not supported; fused modules work with side=input, group=qkv (one lora_A for the fused input), "
-            "or use a model with separate q_proj/k_proj/v_proj"
+            f"fused q/k/v module {metadata.fused_module!r} with side=input, group=module is not supported: "
+            "q, k and v share the fused module's input, so they cannot take three different lora_A; "
+            "extract with --group qkv (one lora_A for the fused input) or --side output"
         )
-    # One lora_A per fused module serves q, k and v, because they read the same input.
-    # NOTE: tests cover GPT-2's c_attn; Phi-3, NeoX and Falcon follow the same path untested.
+    # side=input: one lora_A serves q, k and v, because they read the same input.
+    # side=output: one rank-3r LoRA whose lora_B holds the q, k and v bases in separate column blocks.
     return [
         AdaptedModule(f"{metadata.layer_prefix}.{layer}.{metadata.fused_module}", layer, ("q", "k", "v"))
         for layer in metadata.layers
     ]
+
+
+def is_fused_output(basis: Basis | None, config: AdapterConfig) -> bool:
+    """Whether the adapter uses the rank-3r block layout on a fused q/k/v module (see :func:`fused_output_B`)."""
+    return (
+        basis is not None
+        and basis.metadata.fused_module is not None
+        and basis.metadata.side == "output"
+        and config.mode != "lora"
+    )
 
 
 def _select_without_basis(model: Any, config: AdapterConfig) -> list[AdaptedModule]:
@@ -242,6 +259,26 @@ def _basis_factor(
     return factor[:, :r]
 
 
+def fused_output_B(
+    basis: Basis | None, module: AdaptedModule, fused_rows: dict[str, list[int]], fused_out: int, r: int,
+    config: AdapterConfig, generator: torch.Generator,
+) -> torch.Tensor:
+    """The ``(fused_out, 3r)`` lora_B of a fused q/k/v module with an output-side basis.
+
+    Column block ``j`` serves role ``j`` of (q, k, v) and is non-zero only on that role's output rows:
+    ``B[rows_q, 0:r] = U_q``, ``B[rows_k, r:2r] = U_k``, ``B[rows_v, 2r:3r] = U_v``, all other entries
+    zero. With ``lora_A = [A_q; A_k; A_v]`` of shape ``(3r, in)``, ``B @ A`` equals three separate
+    rank-r LoRAs ``U_q @ A_q``, ``U_k @ A_k`` and ``U_v @ A_v`` placed on their rows.
+    """
+    blocks = torch.zeros(fused_out, 3 * r)  # (fused_out, 3r)
+    for index, role in enumerate(("q", "k", "v")):
+        rows = torch.tensor(fused_rows[role])
+        role_module = AdaptedModule(module.name, module.layer, (role,))
+        factor = _basis_factor(basis, role_module, len(rows), r, config, generator)  # (out_role, r)
+        blocks[rows, index * r:(index + 1) * r] = factor.to(blocks.dtype)
+    return blocks
+
+
 def _free_factor(kind: str, shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     if kind == "zeros":
         return torch.zeros(shape)
@@ -261,11 +298,15 @@ def _set_factors(
     side: str,
     generator: torch.Generator,
 ) -> None:
-    lora_A = layer.lora_A[adapter_name].weight  # (r, in)
+    lora_A = layer.lora_A[adapter_name].weight  # (r, in); (3r, in) for a fused module with side=output
     lora_B = layer.lora_B[adapter_name].weight  # (out, r)
     r = lora_A.shape[0]
     with torch.no_grad():
-        if side == "output":
+        if is_fused_output(basis, config):
+            fused_rows = basis.metadata.fused_rows
+            lora_B.copy_(fused_output_B(basis, module, fused_rows, lora_B.shape[0], r // 3, config, generator))
+            lora_A.copy_(_free_factor(config.a_init, tuple(lora_A.shape), generator).to(lora_A.dtype))
+        elif side == "output":
             basis_side = _basis_factor(basis, module, lora_B.shape[0], r, config, generator)  # (out, r)
             lora_B.copy_(basis_side.to(lora_B.dtype))
             lora_A.copy_(_free_factor(config.a_init, tuple(lora_A.shape), generator).to(lora_A.dtype))
@@ -312,14 +353,28 @@ def _resolve_side(basis: Basis | None, config: AdapterConfig) -> str:
     return basis.metadata.side
 
 
-def _lora_config(modules: list[AdaptedModule], r: int, config: AdapterConfig) -> LoraConfig:
+def _task_type(model: Any) -> str | None:
+    """PEFT task type: ``CAUSAL_LM`` for generative models, None (a plain ``PeftModel``) for encoders such as BERT."""
+    can_generate = getattr(model, "can_generate", None)
+    return "CAUSAL_LM" if can_generate is None or can_generate() else None
+
+
+def _lora_config(
+    modules: list[AdaptedModule], r: int, config: AdapterConfig, fused_output: bool = False,
+    task_type: str | None = "CAUSAL_LM",
+) -> LoraConfig:
+    alpha = config.lora_alpha if config.lora_alpha is not None else r
+    if fused_output:
+        # Three rank-r LoRAs side by side: PEFT rank 3r, with lora_alpha tripled so that
+        # scaling = lora_alpha / r stays that of one rank-r LoRA.
+        r, alpha = 3 * r, 3 * alpha
     return LoraConfig(
         r=r,
-        lora_alpha=config.lora_alpha if config.lora_alpha is not None else r,
+        lora_alpha=alpha,
         lora_dropout=config.lora_dropout,
         init_lora_weights=True if config.init_lora_weights == "default" else config.init_lora_weights,
         target_modules=[module.name for module in modules],
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 
@@ -351,7 +406,8 @@ def add_cora_adapter(
     base = peft_model.get_base_model()
     modules = select_modules(base, basis, config)
     r = _resolve_rank(basis, config)
-    peft_model.add_adapter(adapter_name, _lora_config(modules, r, config))
+    lora_config = _lora_config(modules, r, config, is_fused_output(basis, config), _task_type(base))
+    peft_model.add_adapter(adapter_name, lora_config)
     _initialise_adapter(peft_model, modules, basis, config, adapter_name, r)
     return peft_model
 
@@ -362,7 +418,8 @@ def build_cora_model(
     """Wrap ``base_model`` in a PEFT model with one CoRA adapter.
 
     Args:
-        base_model: a transformers causal LM.
+        base_model: a transformers model: a causal LM, or an encoder such as BERT (then a plain
+            ``PeftModel`` without a task type).
         basis: the common basis; None for plain LoRA or for the ablations whose
             ``b_init`` needs no basis (zeros, ones, gaussian, orthogonal).
         config: mode, rank and initialisation.
@@ -374,7 +431,8 @@ def build_cora_model(
     """
     modules = select_modules(base_model, basis, config)
     r = _resolve_rank(basis, config)
-    peft_model = get_peft_model(base_model, _lora_config(modules, r, config), adapter_name=adapter_name)
+    lora_config = _lora_config(modules, r, config, is_fused_output(basis, config), _task_type(base_model))
+    peft_model = get_peft_model(base_model, lora_config, adapter_name=adapter_name)
     _initialise_adapter(peft_model, modules, basis, config, adapter_name, r)
     if config.init_lora_weights.startswith("pissa"):
         _save_pissa_initial_adapter(peft_model, adapter_name)
