@@ -87,12 +87,12 @@ def write_plots(basis: Basis, directory: str | Path, sources: list[str] | None =
     for key, values in basis.singular_values.items():
         values = values.double()
         spectrum.semilogy(values.numpy(), linewidth=0.8, label=key)
-        cumulative = torch.cumsum(values**2, 0) / (values**2).sum()
+        cumulative = torch.cumsum(values**2, 0) / _total_energy(basis, key, values)
         energy.plot(range(1, len(values) + 1), cumulative.numpy(), linewidth=0.8)
     spectrum.axvline(basis.rank - 0.5, color="black", linestyle="--", linewidth=0.8)
     spectrum.set(title="singular values per layer", xlabel="index", ylabel="singular value")
     energy.axvline(basis.rank, color="black", linestyle="--", linewidth=0.8)
-    energy.set(title="captured energy vs rank (computed part of the spectrum)", xlabel="rank",
+    energy.set(title="captured energy vs rank (computed singular values)", xlabel="rank",
                ylabel="energy fraction", ylim=(0, 1.01))
     if len(basis.singular_values) <= 12:
         spectrum.legend(fontsize=6)
@@ -111,6 +111,18 @@ def write_plots(basis: Basis, directory: str | Path, sources: list[str] | None =
         written.append(_save(figure, directory / "principal_angles.png"))
         plt.close(figure)
     return written
+
+
+def _total_energy(basis: Basis, key: str, values: torch.Tensor) -> float:
+    """``||M||_F^2`` of one decomposed matrix, recovered from the stored captured-energy fraction.
+
+    Iterative methods store only the top-r singular values, so their squares do not sum to the total.
+    """
+    rank = basis.rank
+    fraction = basis.metadata.energy.get(key)
+    if fraction and len(values) >= rank:
+        return float((values[:rank] ** 2).sum()) / fraction
+    return float((values**2).sum())
 
 
 def _save(figure, path: Path) -> Path:
