@@ -195,3 +195,20 @@ def test_compact_with_peft_suffix_targets(tiny_tokenizer, tmp_path):
     with torch.no_grad():
         logits = loaded(input_ids=input_ids()).logits
     assert torch.equal(logits, expected)
+
+
+def test_fused_output_basis_rejected(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cora.extract import ExtractConfig, extract_basis
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    basis = extract_basis(
+        ExtractConfig(models=(str(tmp_path / "gpt2"),), rank=RANK, side="output", group="module", show_progress=False)
+    )
+    basis_path = basis.save(tmp_path / "basis.safetensors")
+    model = build_cora_model(gpt2, basis, AdapterConfig(mode="frozen"))
+    with pytest.raises(ValueError, match="do not support the fused q/k/v module 'attn.c_attn' with an output-side"):
+        save_compact_adapter(model, tmp_path / "gpt2.cora.safetensors", basis_path)

@@ -228,6 +228,13 @@ def modules_from_basis(basis: Basis, target_modules: set[str]) -> list[AdaptedMo
         ValueError: a target module selects no module of the basis.
     """
     metadata = basis.metadata
+    if metadata.fused_module is not None and metadata.side == "output":
+        # NOTE: such a lora_B is a (fused_out, 3r) block matrix built from three bases,
+        # not a slice of one, so the compact loader cannot rebuild it yet.
+        raise ValueError(
+            f"compact adapters do not support the fused q/k/v module {metadata.fused_module!r} with an "
+            "output-side basis; keep the standard PEFT folder, or use side=input for fused modules"
+        )
     if metadata.fused_module is not None:
         candidates = [(metadata.fused_module, ("q", "k", "v"))]
     else:
