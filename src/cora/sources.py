@@ -134,20 +134,19 @@ class GGUFSource(_FileTracking):
         if self._architecture == "llama":
             weight = self._undo_llama_permutation(name, weight)
         result = torch.from_numpy(weight.copy())
-        self._release_pages(tensor)
+        self._release_pages()
         return result
 
-    def _release_pages(self, tensor) -> None:
-        """Drop the file pages of one tensor from this process's memory map.
+    def _release_pages(self) -> None:
+        """Drop the file's pages from this process's memory map; later reads fault them in again.
 
-        ``GGUFReader`` maps the whole file for the reader's lifetime, and every page that a read
-        touches would otherwise stay in the resident set, so it would grow with each layer read.
+        ``GGUFReader`` maps the whole file for the reader's lifetime. Every page that a read touches,
+        and the neighbours that the kernel maps around each fault, would otherwise stay in the
+        resident set, which would then grow with each layer read.
         """
         mapping = getattr(self._reader.data, "_mmap", None)  # numpy.memmap keeps its mmap.mmap here
-        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        start = tensor.data_offset - tensor.data_offset % mmap.PAGESIZE
-        mapping.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
+        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     def _undo_llama_permutation(self, name: str, weight: np.ndarray) -> np.ndarray:
         # llama.cpp's converter reorders the rows of each q/k head from the rotary "half" layout
