@@ -38,7 +38,8 @@ demo: setup
 	$(BIN)/cora demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	# One thread per process: the tests use tiny models, and the distributed tests run two processes.
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -54,6 +54,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from cora.basis import Basis
+from cora.files import publish_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -516,6 +517,7 @@ def save_cora_adapter(peft_model: PeftModel, directory: str | os.PathLike, adapt
             (saved / SIDECAR_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if directory.exists():
             shutil.rmtree(directory)
+        publish_permissions(saved)
         os.replace(saved, directory)
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -30,6 +30,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cora.files import publish_permissions
+
 FORMAT_VERSION = 1
 METADATA_KEY = "cora_basis"
 SIDES = ("output", "input")
@@ -172,6 +174,7 @@ class Basis:
         os.close(handle)
         try:
             save_file(tensors, temp_name, metadata={METADATA_KEY: self.metadata.to_json()})
+            publish_permissions(temp_name)
             os.replace(temp_name, path)
         except BaseException:
             Path(temp_name).unlink(missing_ok=True)

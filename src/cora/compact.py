@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from cora.adapters import SIDECAR_NAME, AdapterConfig, AdaptedModule, freeze_factor, lora_layers, read_sidecar
 from cora.basis import Basis, file_sha256
+from cora.files import publish_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ def _write_compact(path: Path, tensors: dict[str, torch.Tensor], header: dict[st
     try:
         contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
         save_file(contiguous, temp_name, metadata={COMPACT_KEY: json.dumps(header, sort_keys=True)})
+        publish_permissions(temp_name)
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
@@ -396,6 +398,7 @@ def expand_compact_adapter(
         (temp_dir / SIDECAR_NAME).write_text(json.dumps(compact.record, indent=2, sort_keys=True) + "\n")
         if output_dir.exists():
             shutil.rmtree(output_dir)
+        publish_permissions(temp_dir)
         os.replace(temp_dir, output_dir)
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -46,7 +46,8 @@ from cora.code_tasks import MBPP_SPLITS, load_humaneval, load_mbpp
 from cora.data import TEMPLATES, Example, load_examples, read_rows, split_examples
 from cora.extract import ExtractConfig
 from cora.metrics import METRICS
-from cora.runs import RunConfig, apply_overrides, write_atomic
+from cora.files import write_atomic
+from cora.runs import RunConfig, apply_overrides
 from cora.source_models import SourceModelSpec
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,8 @@ from cora.extract import ExtractConfig, extract_basis
 from cora.generation import GenerationConfig
 from cora.metrics import MetricsConfig
 from cora.models import load_base_model, resolve_model_path
-from cora.runs import RunConfig, TrainingConfig, load_trained_model, write_atomic
+from cora.files import write_atomic
+from cora.runs import RunConfig, TrainingConfig, load_trained_model
 from cora.training import train_run
 
 logger = logging.getLogger(__name__)

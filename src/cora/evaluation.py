@@ -101,7 +101,7 @@ class EvaluationResult:
         Args:
             context: extra top-level fields for ``metrics.json`` (model, run folder, data).
         """
-        from cora.runs import write_atomic
+        from cora.files import write_atomic
 
         out = Path(out_dir)
         lines = []

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cora.adapters import load_cora_adapter
+from cora.files import publish_permissions
 from cora.models import load_base_model
 from cora.runs import ADAPTER_DIR_NAME, load_run_config
 
@@ -67,6 +68,7 @@ def save_merged(model: Any, tokenizer: Any, output_dir: str | os.PathLike, overw
         tokenizer.save_pretrained(temp_dir)
         if output_dir.exists():
             shutil.rmtree(output_dir)
+        publish_permissions(temp_dir)
         os.replace(temp_dir, output_dir)
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)

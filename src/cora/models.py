@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from cora.files import publish_permissions
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ALIAS = "smollm2"
@@ -134,6 +136,7 @@ def convert_gguf(path: str | os.PathLike) -> Path:
         model.save_pretrained(temp_dir)
         tokenizer.save_pretrained(temp_dir)
         try:
+            publish_permissions(temp_dir)
             os.replace(temp_dir, target)
         except OSError:
             # Another process finished the same conversion first; keep its copy.

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cora.runs import write_atomic
+from cora.files import write_atomic
 
 logger = logging.getLogger(__name__)
 

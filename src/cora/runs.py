@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import yaml
 
 from cora.adapters import AdapterConfig
 from cora.data import TEMPLATES, DataConfig
+from cora.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -285,19 +285,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
     """Build a run config from an optional YAML file and dotted overrides."""
     raw = read_config_file(path) if path is not None else {}
     return RunConfig.from_dict(apply_overrides(raw, overrides))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def save_run_config(config: RunConfig, run_dir: str | os.PathLike) -> Path:

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cora.runs import RunConfig, write_atomic
+from cora.files import publish_permissions, write_atomic
+from cora.runs import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ def _save_checkpoint(model: Any, tokenizer: Any, directory: Path, record: dict[s
         write_atomic(temp_dir / SOURCE_RECORD_NAME, json.dumps(record, indent=2, default=str) + "\n")
         if directory.exists():
             shutil.rmtree(directory)
+        publish_permissions(temp_dir)
         os.replace(temp_dir, directory)
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -25,7 +25,8 @@ from cora.adapters import SIDECAR_NAME, build_cora_model, count_parameters, save
 from cora.basis import Basis
 from cora.data import Example, format_prompt, load_examples, split_examples
 from cora.models import load_base_model
-from cora.runs import ADAPTER_DIR_NAME, RunConfig, load_run_config, save_run_config, write_atomic
+from cora.files import write_atomic
+from cora.runs import ADAPTER_DIR_NAME, RunConfig, load_run_config, save_run_config
 
 logger = logging.getLogger(__name__)
 

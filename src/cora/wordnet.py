@@ -17,6 +17,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from cora.files import publish_permissions
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SOURCE_DIRS = ("/usr/share/wordnet", "/usr/local/WordNet-3.0/dict", "/usr/share/wordnet/dict")
@@ -97,6 +99,7 @@ def setup_wordnet(source_dir: str | Path | None = None, nltk_data_dir: str | Pat
         (staging / "lexnames").write_text(lexnames_text(), encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
+        publish_permissions(staging)
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
