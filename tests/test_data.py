@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 
 import pytest
 
@@ -84,6 +85,48 @@ def test_split_leaving_no_training_rejected():
     examples = [row_to_example(row, i) for i, row in enumerate(ALPACA_ROWS[:2])]
     with pytest.raises(ValueError, match="leaves no training examples"):
         split_examples(examples, DataConfig(path="unused", eval_size=2))
+
+
+def test_split_with_one_shared_prompt_names_the_duplicate_rule():
+    examples = [Example("Same question?", f"answer {i}", task_id=str(i)) for i in range(10)]
+    with pytest.raises(ValueError, match=r"all 10 rows share 1 prompt\(s\), so the duplicate-prompt rule"):
+        split_examples(examples, DataConfig(path="unused"))
+
+
+def test_split_holds_out_whole_prompt_groups_near_the_fraction():
+    # 40 rows over 6 prompts: 10% asks for 4 rows; one group of 6 or 7 rows is held out, not half the file.
+    examples = [Example(f"Question {i % 6}?", f"answer {i}", task_id=str(i)) for i in range(40)]
+    train, held_out = split_examples(examples, DataConfig(path="unused"))
+    assert len({example.instruction for example in held_out}) == 1
+    assert len(train) + len(held_out) == 40
+
+
+def test_split_logs_rows_moved_by_duplicate_prompts(caplog):
+    examples = [Example(f"Question {i % 6}?", f"answer {i}", task_id=str(i)) for i in range(40)]
+    with caplog.at_level(logging.WARNING, logger="cora.data"):
+        _, held_out = split_examples(examples, DataConfig(path="unused"))
+    assert f"held out {len(held_out)} rows instead of 4" in caplog.text
+
+
+def test_invalid_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(ALPACA_ROWS[0]) + "\n{instruction: 'x'}\n")
+    with pytest.raises(ValueError, match=rf"{path} line 2 is not valid JSON: Expecting property name"):
+        read_rows(str(path))
+
+
+def test_invalid_json_array_names_file(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('[\n{"instruction": "x",}\n]')
+    with pytest.raises(ValueError, match=rf"{path} is not valid JSON: .* at line 2"):
+        read_rows(str(path))
+
+
+def test_jsonl_string_with_line_separator_is_one_row(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    row = {"instruction": "Join\u2028these", "output": "ok"}
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_rows(str(path)) == [row]
 
 
 def test_data_config_rejects_eval_fraction_one():

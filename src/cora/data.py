@@ -81,13 +81,35 @@ def read_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
     opener = gzip.open if local.suffix == ".gz" else open
     with opener(local, "rt", encoding="utf-8") as stream:
         text = stream.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        rows = json.loads(text)
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}; "
+                "expected a JSON array of rows"
+            ) from None
     else:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = _parse_json_lines(text, path)
     if not rows or not all(isinstance(row, dict) for row in rows):
         raise ValueError(f"{path} contains no JSON objects; expected a list of rows or one JSON object per line")
+    return rows
+
+
+def _parse_json_lines(text: str, path: str) -> list[Any]:
+    """Parse one JSON value per line, naming the file and line of the first bad one."""
+    rows = []
+    # Split on "\n" only: str.splitlines also breaks at characters such as U+2028 that JSON strings may hold.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path} line {number} is not valid JSON: {error.msg} at column {error.colno}; "
+                "expected one JSON object per line"
+            ) from None
     return rows
 
 
@@ -157,8 +179,13 @@ def _shuffle_key(example: Example, seed: int) -> str:
 def split_examples(examples: list[Example], config: DataConfig) -> tuple[list[Example], list[Example]]:
     """Split deterministically into (train, held_out) without overlap.
 
-    Rows whose prompt occurs more than once go to the same side, so no held-out
-    prompt is seen in training.
+    Rows that share a prompt (instruction and input) go to the same side, so no
+    held-out prompt is seen in training: whole prompt groups are held out, in
+    shuffled order, until the held-out size is reached. The held-out part can
+    therefore be larger than ``eval_size`` or ``eval_fraction`` asks for.
+
+    Raises:
+        ValueError: the held-out size, or the prompt groups it takes, leave no training rows.
     """
     ordered = sorted(examples, key=lambda example: _shuffle_key(example, config.seed))
     if config.max_examples is not None:
@@ -170,15 +197,24 @@ def split_examples(examples: list[Example], config: DataConfig) -> tuple[list[Ex
             "lower eval_size or eval_fraction"
         )
 
-    held_out, train = [], []
-    held_out_prompts: set[tuple[str, str]] = set()
+    groups: dict[tuple[str, str], list[Example]] = {}  # prompt -> its rows, in order of first appearance
     for example in ordered:
-        prompt = (example.instruction, example.input)
-        if len(held_out) < held_out_size or prompt in held_out_prompts:
-            held_out.append(example)
-            held_out_prompts.add(prompt)
-        else:
-            train.append(example)
+        groups.setdefault((example.instruction, example.input), []).append(example)
+    held_out, train = [], []
+    for rows in groups.values():
+        (held_out if len(held_out) < held_out_size else train).extend(rows)
+
+    if not train:
+        raise ValueError(
+            f"all {len(ordered)} rows share {len(groups)} prompt(s), so the duplicate-prompt rule "
+            f"(rows with one prompt stay on one side) holds out every row to reach the held-out size "
+            f"{held_out_size} and leaves no training rows; add rows with other prompts"
+        )
+    if len(held_out) > held_out_size:
+        logger.warning(
+            "held out %d rows instead of %d: %d more rows share a prompt with a held-out row and stay with it",
+            len(held_out), held_out_size, len(held_out) - held_out_size,
+        )
     return train, held_out
 
 
