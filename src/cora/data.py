@@ -182,7 +182,7 @@ def split_examples(examples: list[Example], config: DataConfig) -> tuple[list[Ex
     Rows that share a prompt (instruction and input) go to the same side, so no
     held-out prompt is seen in training: whole prompt groups are held out, in
     shuffled order, until the held-out size is reached. The held-out part can
-    therefore be larger than ``eval_size`` or ``eval_fraction`` asks for.
+    therefore be larger than ``eval_size`` or ``eval_fraction`` requests.
 
     Raises:
         ValueError: the held-out size, or the prompt groups it takes, leave no training rows.
