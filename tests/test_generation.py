@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cora.generation import GenerationConfig, generate_completions, truncate_at_stop
+from cora.generation import GenerationConfig, StopOnSequences, generate_completions, truncate_at_stop
 
 PROMPTS = ["def add(a, b):", "What is the capital of France?", "for i in range(10):\n    print(i"]
 
@@ -91,3 +91,13 @@ def test_greedy_with_several_sequences_rejected():
 def test_zero_max_new_tokens_rejected():
     with pytest.raises(ValueError, match="invalid max_new_tokens 0"):
         GenerationConfig(max_new_tokens=0)
+
+
+def test_stop_criterion_ignores_prompt_text(tiny_tokenizer):
+    """A stop sequence that begins in the prompt must not end the completion."""
+    prompt_ids = tiny_tokenizer("def add(a, b):\n")["input_ids"]
+    criterion = StopOnSequences(tiny_tokenizer, len(prompt_ids), ("\n#",))
+    started = torch.tensor([prompt_ids + tiny_tokenizer("#")["input_ids"]])  # prompt's "\n" + new "#"
+    finished = torch.tensor([prompt_ids + tiny_tokenizer("# x\n#")["input_ids"]])
+    assert criterion(started, None).tolist() == [False]
+    assert criterion(finished, None).tolist() == [True]

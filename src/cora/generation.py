@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,26 @@ def generate_completions(
     return completions
 
 
+class StopOnSequences(StoppingCriteria):
+    """Stop each row once its generated text contains a stop sequence.
+
+    Unlike ``generate(stop_strings=...)``, which also matches a stop sequence that
+    starts inside the prompt, this looks only at the new tokens: a HumanEval prompt
+    ends with a newline, so a first token ``#`` would otherwise match ``"\n#"``
+    and end the completion before it begins.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_length: int, stop_sequences: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+        self.stop_sequences = stop_sequences
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        done = [any(stop in text for stop in self.stop_sequences) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # (batch,)
+
+
 def _generate_batch(model: Any, tokenizer: Any, prompts: list[str], config: GenerationConfig) -> list[str]:
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -130,7 +151,8 @@ def _generate_batch(model: Any, tokenizer: Any, prompts: list[str], config: Gene
     else:
         options.update(temperature=None, top_p=None, top_k=None)  # silence sampling defaults of the checkpoint
     if config.stop_sequences:
-        options.update(stop_strings=list(config.stop_sequences), tokenizer=tokenizer)
+        criterion = StopOnSequences(tokenizer, prompt_length, config.stop_sequences)
+        options.update(stopping_criteria=StoppingCriteriaList([criterion]))
 
     with torch.inference_mode():
         output = model.generate(**encoded, **options)  # (batch * num_return_sequences, prompt_length + new)
