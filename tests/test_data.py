@@ -35,7 +35,13 @@ def test_mbpp_row_keeps_tests():
 def test_humaneval_row_keeps_entry_point():
     example = row_to_example(HUMANEVAL_ROW, 0)
     assert example.extra["entry_point"] == "add"
-    assert example.response == "    return a + b\n"
+    assert example.response == "\n    return a + b\n"
+
+
+def test_humaneval_row_moves_trailing_newline_to_response():
+    example = row_to_example(HUMANEVAL_ROW, 0)
+    assert example.instruction == HUMANEVAL_ROW["prompt"].rstrip()
+    assert example.instruction + example.response == HUMANEVAL_ROW["prompt"] + HUMANEVAL_ROW["canonical_solution"]
 
 
 def test_unknown_row_layout_rejected():
@@ -146,8 +152,8 @@ def test_code_template_shows_first_test():
     assert prompt.endswith("# Solution:\n")
 
 
-def test_completion_template_is_prompt_verbatim():
-    assert format_prompt(row_to_example(HUMANEVAL_ROW, 0), "completion") == HUMANEVAL_ROW["prompt"]
+def test_completion_template_is_prompt_without_trailing_newline():
+    assert format_prompt(row_to_example(HUMANEVAL_ROW, 0), "completion") == HUMANEVAL_ROW["prompt"].rstrip()
 
 
 def test_chat_template_without_tokenizer_template_rejected(tiny_tokenizer):

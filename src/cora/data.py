@@ -150,9 +150,15 @@ def row_to_example(row: dict[str, Any], index: int) -> Example:
             extra={"test_setup_code": setup} if setup else {},
         )
     if "prompt" in row and "canonical_solution" in row:
+        # The prompt's trailing newline moves to the start of the response. Byte-level BPE
+        # tokenizers merge a newline with the indentation after it, so a prompt that ends in a
+        # lone newline token asks the model for a token sequence it has rarely seen.
+        # instruction + response is still the original program text.
+        prompt = str(row["prompt"])
+        header = prompt.rstrip()
         return Example(
-            str(row["prompt"]),
-            str(row["canonical_solution"]),
+            header,
+            prompt[len(header) :] + str(row["canonical_solution"]),
             tests=(str(row["test"]),),
             task_id=task_id,
             extra={"entry_point": row.get("entry_point", "")},
