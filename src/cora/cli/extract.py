@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from cora.decompose import METHODS, RandomizedOptions
 from cora.extract import NORMALIZATIONS, ExtractConfig, extract_basis
@@ -28,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "singular vectors of their concatenation to a basis file.",
     )
     parser.add_argument("models", nargs="+", metavar="MODEL",
-                        help="Hub id (optionally id@revision), checkpoint directory or .gguf file")
+                        help="Hub id (optionally id@revision), checkpoint directory, .gguf file or smollm2")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", "-r", type=int, help="basis columns r")
     size.add_argument("--energy", type=float, metavar="FRACTION",
@@ -51,11 +52,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--power-iterations", type=int, default=RandomizedOptions.max_power_iterations,
                         help="maximum power iterations of the randomized method")
     parser.add_argument("--seed", type=int, default=0, help="seed of the randomized method")
-    parser.add_argument("-o", "--output", required=True, metavar="BASIS", help="basis file to write (.safetensors)")
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="BASIS",
+                        help="basis file to write (.safetensors)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the basis file if it exists")
     parser.set_defaults(func=run)
 
 
+def check_output(path: Path, overwrite: bool) -> None:
+    """Reject an existing basis file unless ``overwrite`` is set; called before any extraction work."""
+    if path.is_dir():
+        raise ValueError(f"output {path} is a folder; pass a file name such as {path / 'basis.safetensors'}")
+    if path.exists() and not overwrite:
+        raise ValueError(f"output {path} already exists; pass --overwrite to replace it")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output, args.overwrite)
     names = (args.q_name, args.k_name, args.v_name)
     if any(names) and not all(names):
         raise ValueError("give all three of --q-name, --k-name and --v-name, or none")
