@@ -168,3 +168,22 @@ def test_cli_resume_of_finished_run_rejected(tiny_llama_dir, tmp_path, capsys):
 def test_cli_resume_rejects_other_flags(tmp_path, capsys):
     assert main(["train", "--resume", "--steps", "5", "-o", str(tmp_path)]) == 2
     assert "--resume reads the run folder's run_config.yaml" in capsys.readouterr().err
+
+
+def test_cli_retry_after_missing_data_needs_no_overwrite(tiny_llama_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA_ROWS)
+    run_dir = tmp_path / "run"
+    common = ["--model", str(tiny_llama_dir), "--mode", "lora", "--rank", "2", "--steps", "1", "--batch-size", "2",
+              "--max-length", "96", "-o", str(run_dir)]
+    assert main(["train", *common, "--data", str(tmp_path / "absent.jsonl")]) == 2
+    assert "data file not found" in capsys.readouterr().err
+    assert main(["train", *common, "--data", data]) == 0
+
+
+def test_cli_run_config_paths_work_from_other_folder(tiny_llama_dir, tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "alpaca.jsonl", ALPACA_ROWS)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--model", str(tiny_llama_dir), "--data", "alpaca.jsonl", "--mode", "lora", "--rank", "2",
+                 "--steps", "1", "--batch-size", "2", "--max-length", "96", "-o", "run"]) == 0
+    monkeypatch.chdir("/")
+    assert load_run_config(tmp_path / "run").data.path == str(tmp_path / "alpaca.jsonl")

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from cora.adapters import AdapterConfig
 from cora.basis import Basis
 from cora.data import DataConfig, Example
-from cora.runs import EvaluationConfig, RunConfig, TrainingConfig, load_trained_model
+from cora.runs import EvaluationConfig, RunConfig, TrainingConfig, load_run_config, load_trained_model, save_run_config
 from cora.training import IGNORE_INDEX, train_run, tokenize_example
 from test_adapters import svd_basis
 
@@ -208,3 +208,70 @@ def test_gradient_checkpointing_run_trains(tiny_llama_dir, alpaca_file, basis_fi
     result = train_run(config, tmp_path / "run")
     grad_norms = [record["grad_norm"] for record in result.log_history if "grad_norm" in record]
     assert all(norm > 0 for norm in grad_norms)
+
+
+def test_failed_run_on_missing_basis_leaves_folder_retryable(tiny_llama_dir, alpaca_file, basis_file, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(FileNotFoundError):
+        train_run(run_config(tiny_llama_dir, alpaca_file, str(tmp_path / "absent.safetensors"), max_steps=1), run_dir)
+    assert not run_dir.exists()
+    result = train_run(run_config(tiny_llama_dir, alpaca_file, basis_file, max_steps=1), run_dir)
+    assert result.steps == 1
+
+
+def test_failed_run_on_missing_data_keeps_other_files(tiny_llama_dir, alpaca_file, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("keep me")
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        train_run(run_config(tiny_llama_dir, str(tmp_path / "absent.jsonl"), mode="lora"), run_dir, overwrite=True)
+    assert sorted(path.name for path in run_dir.iterdir()) == ["notes.txt"]
+
+
+def test_failed_training_step_removes_run_config(tiny_llama_dir, alpaca_file, tmp_path):
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_run(run_config(tiny_llama_dir, alpaca_file, mode="lora"), run_dir, callbacks=[Interrupt()])
+    assert not run_dir.exists()
+
+
+def test_resume_with_changed_max_steps_rejected(tiny_llama_dir, alpaca_file, tmp_path):
+    run_dir = tmp_path / "run"
+    train_run(run_config(tiny_llama_dir, alpaca_file, mode="lora", save_steps=1, max_steps=2), run_dir)
+    longer = run_config(tiny_llama_dir, alpaca_file, mode="lora", save_steps=1, max_steps=5)
+    with pytest.raises(ValueError, match="invalid training.max_steps 5 .* belongs to a run of 2 steps"):
+        train_run(longer, run_dir, resume=True)
+
+
+def test_resumed_summary_counts_time_before_checkpoint(tiny_llama_dir, alpaca_file, tmp_path):
+    run_dir = tmp_path / "run"
+    config = run_config(tiny_llama_dir, alpaca_file, mode="lora", save_steps=1, max_steps=2)
+    train_run(config, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-2")  # as if the run stopped after step 1
+    before = json.loads((run_dir / "checkpoints" / "checkpoint-1" / "cora_train_seconds.json").read_text())
+    resumed = train_run(config, run_dir, resume=True)
+    assert resumed.train_seconds > before["train_seconds"] > 0
+
+
+def test_saved_config_has_absolute_local_paths(tiny_llama_dir, alpaca_file, basis_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = run_config(tiny_llama_dir, "alpaca.jsonl", "basis.safetensors")
+    save_run_config(config, tmp_path / "run")
+    saved = load_run_config(tmp_path / "run")
+    assert saved.data.path == alpaca_file
+    assert saved.basis == basis_file
+
+
+def test_saved_config_keeps_hub_ids_and_alias(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = RunConfig(model="smollm2", data=DataConfig(path="hub:tatsu-lab/alpaca"), adapter=AdapterConfig(mode="lora"))
+    save_run_config(config, tmp_path / "run")
+    saved = load_run_config(tmp_path / "run")
+    assert saved.model == "smollm2"
+    assert saved.data.path == "hub:tatsu-lab/alpaca"

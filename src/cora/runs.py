@@ -39,6 +39,7 @@ import yaml
 from cora.adapters import AdapterConfig
 from cora.data import TEMPLATES, DataConfig
 from cora.files import write_atomic
+from cora.models import DEFAULT_MODEL_ALIAS
 
 logger = logging.getLogger(__name__)
 
@@ -287,9 +288,29 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
     return RunConfig.from_dict(apply_overrides(raw, overrides))
 
 
+def _absolute_if_local(spec: str) -> str:
+    """Return ``spec`` as an absolute path when it names a file or folder that exists here, else unchanged."""
+    return os.path.abspath(spec) if Path(spec).exists() else spec
+
+
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """Return ``config`` with its local model, basis and data paths made absolute.
+
+    A run folder is then usable from any working directory. Hub ids, ``hub:`` data ids
+    and the ``smollm2`` alias stay as they are, as do paths that do not exist here.
+    """
+    model = config.model if config.model == DEFAULT_MODEL_ALIAS else _absolute_if_local(config.model)
+    basis = _absolute_if_local(config.basis) if config.basis else config.basis
+    data_path = config.data.path
+    if not data_path.startswith("hub:"):
+        data_path = _absolute_if_local(data_path)
+    return dataclasses.replace(config, model=model, basis=basis, data=dataclasses.replace(config.data, path=data_path))
+
+
 def save_run_config(config: RunConfig, run_dir: str | os.PathLike) -> Path:
+    """Write ``RUN_DIR/run_config.yaml``, with local paths made absolute (see :func:`with_absolute_paths`)."""
     path = Path(run_dir) / RUN_CONFIG_NAME
-    write_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(with_absolute_paths(config).to_dict(), sort_keys=False))
     return path
 
 

@@ -35,6 +35,7 @@ CHECKPOINT_DIR_NAME = "checkpoints"
 LOG_NAME = "train_log.jsonl"
 SUMMARY_NAME = "train_summary.json"
 CURVE_NAME = "loss_curve.png"
+SECONDS_NAME = "cora_train_seconds.json"  # training time up to a checkpoint, in each checkpoint folder
 RUN_OUTPUTS = (ADAPTER_DIR_NAME, CHECKPOINT_DIR_NAME, "run_config.yaml", LOG_NAME, SUMMARY_NAME, CURVE_NAME)
 
 
@@ -204,20 +205,44 @@ def load_splits(config: RunConfig) -> tuple[list[Example], list[Example]]:
 # --- run folder ------------------------------------------------------------------------------------
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create ``run_dir``; reject a non-empty one unless ``overwrite``, which removes earlier run outputs only."""
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Reject a file, or a non-empty folder without ``overwrite``; change nothing."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} is a file; pass a folder path to -o")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise ValueError(f"run folder {run_dir} is not empty; pass --overwrite to replace it or --resume to continue")
-        for name in RUN_OUTPUTS:
-            path = run_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise ValueError(f"run folder {run_dir} is not empty; pass --overwrite to replace it or --resume to continue")
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> list[Path]:
+    """Create ``run_dir``; reject a non-empty one unless ``overwrite``, which removes earlier run outputs only.
+
+    Returns:
+        The paths that the new run will create: the folder itself when it was absent, and the run outputs.
+    """
+    check_run_dir(run_dir, overwrite)
+    created = [] if run_dir.is_dir() else [run_dir]
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
+    return [run_dir / name for name in RUN_OUTPUTS] + created
+
+
+def _remove_created(run_dir: Path, created: list[Path]) -> None:
+    """Remove what a failed run wrote before its first checkpoint, so that the same command can run again."""
+    for path in created:
+        if path == run_dir:
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        elif path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    if created:
+        logger.info("removed the outputs of the failed run from %s", run_dir)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -234,11 +259,48 @@ def _check_unfinished(run_dir: Path, checkpoint: Path, config: RunConfig) -> Non
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     step = int(state.get("global_step", 0))
     max_steps = config.training.max_steps
+    saved_max_steps = state.get("max_steps")
+    if max_steps is not None and saved_max_steps and max_steps != saved_max_steps:
+        # The restored learning-rate scheduler keeps the schedule of the saved run, so a
+        # changed step count would train the extra steps at the wrong learning rate.
+        raise ValueError(
+            f"invalid training.max_steps {max_steps} in {run_dir / 'run_config.yaml'}: the checkpoint "
+            f"{checkpoint.name} belongs to a run of {saved_max_steps} steps, and resume continues a run to its "
+            f"configured end; set training.max_steps back to {saved_max_steps}, or start a new run to train longer"
+        )
     if max_steps is not None and step >= max_steps and (run_dir / SUMMARY_NAME).is_file():
         raise ValueError(
             f"run in {run_dir} already finished at step {step} of {max_steps}; nothing to resume. "
-            "Raise training.max_steps in run_config.yaml to train further"
+            "To train longer, start a new run in another folder"
         )
+
+
+def _checkpoint_seconds(checkpoint: Path) -> float:
+    """Read the training time up to ``checkpoint``; 0 for checkpoints written without it."""
+    path = checkpoint / SECONDS_NAME
+    if not path.is_file():
+        return 0.0
+    return float(json.loads(path.read_text())["train_seconds"])
+
+
+def wall_time_callback(previous_seconds: float) -> Any:
+    """Build a callback that writes the training time so far into each checkpoint, for resumed summaries."""
+    from transformers import TrainerCallback
+
+    class WallTimeCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.start = time.perf_counter()
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if args.should_save and folder.is_dir():
+                seconds = previous_seconds + time.perf_counter() - self.start
+                write_atomic(folder / SECONDS_NAME, json.dumps({"train_seconds": round(seconds, 3)}) + "\n")
+
+    return WallTimeCallback()
 
 
 def final_loss(log_history: list[dict[str, Any]]) -> float | None:
@@ -294,14 +356,20 @@ def train_run(
         run_dir: output folder; it must be empty or absent unless ``overwrite`` or ``resume``.
         overwrite: remove the outputs of an earlier run in ``run_dir`` first.
         resume: continue from the last checkpoint in ``run_dir/checkpoints`` (same
-            step, data order and optimiser state); ``config`` must match the saved one.
+            step, data order, optimiser and learning-rate schedule) to the configured end;
+            ``config`` must match the saved one.
         callbacks: extra ``transformers.TrainerCallback`` objects for the Trainer.
 
     Under ``accelerate launch`` (DDP, FSDP, DeepSpeed) every process trains, and
     only the main process writes the run folder.
 
+    The model, basis and data load before anything is written, and a run that fails
+    before its first checkpoint removes what it wrote, so the same command can be run again.
+    The saved config has absolute local paths (see :func:`cora.runs.with_absolute_paths`).
+
     Raises:
-        ValueError: the run folder is not empty, or ``resume`` finds no checkpoint.
+        ValueError: the run folder is not empty, ``resume`` finds no checkpoint, or the
+            saved ``training.max_steps`` differs from the checkpoint's.
     """
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
@@ -309,17 +377,18 @@ def train_run(
     # Built first: it sets up the process group when launched with several processes.
     args = training_arguments(config, run_dir, config.training.eval_steps is not None)
     checkpoint = None
+    previous_seconds = 0.0
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise ValueError(f"no checkpoint in {run_dir / CHECKPOINT_DIR_NAME} to resume; set training.save_steps")
         _check_unfinished(run_dir, checkpoint, config)
+        previous_seconds = _checkpoint_seconds(checkpoint)
     elif args.should_save:
-        prepare_run_dir(run_dir, overwrite)
-    if args.should_save:
-        save_run_config(config, run_dir)
-    args.distributed_state.wait_for_everyone()
+        check_run_dir(run_dir, overwrite)
 
+    # Model, basis and data load before the run folder is written, so that a run that fails
+    # on its inputs leaves nothing behind and the corrected command needs no --overwrite.
     set_seed(config.training.seed)
     model, tokenizer = prepare_model(config)
     train_examples, held_out = load_splits(config)
@@ -329,22 +398,32 @@ def train_run(
         eval_examples = held_out[: config.evaluation.eval_size] if config.evaluation.eval_size else held_out
         eval_set = build_dataset(eval_examples, config.template, tokenizer, config.training.max_length)
 
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
-        callbacks=callbacks,
-        optimizers=(lorafa_optimizer(model, config), None) if config.training.optimizer == "lorafa" else (None, None),
-    )
-    _warn_if_engine_ignored(trainer)
-    trainable, total = count_parameters(model)
-    logger.info("training %d of %d parameters (%.3f%%)", trainable, total, 100.0 * trainable / total)
+    created = []
+    if args.should_save and not resume:
+        created = prepare_run_dir(run_dir, overwrite)
+        save_run_config(config, run_dir)
+    args.distributed_state.wait_for_everyone()
 
-    start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    seconds = time.perf_counter() - start
+    try:
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+            callbacks=[*(callbacks or []), wall_time_callback(previous_seconds)],
+            optimizers=(lorafa_optimizer(model, config), None) if config.training.optimizer == "lorafa" else (None, None),
+        )
+        _warn_if_engine_ignored(trainer)
+        trainable, total = count_parameters(model)
+        logger.info("training %d of %d parameters (%.3f%%)", trainable, total, 100.0 * trainable / total)
+        start = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except BaseException:
+        if args.should_save and latest_checkpoint(run_dir) is None:
+            _remove_created(run_dir, created)
+        raise
+    seconds = previous_seconds + time.perf_counter() - start
     checkpoints = run_dir / CHECKPOINT_DIR_NAME
     if args.should_save and checkpoints.is_dir() and not any(checkpoints.iterdir()):
         checkpoints.rmdir()  # the Trainer creates it even when it saves no checkpoint
