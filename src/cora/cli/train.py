@@ -62,7 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--model", help="base model: Hub id[@revision], folder, .gguf file or smollm2")
     source.add_argument("--data", help="training data: Alpaca/MBPP/HumanEval JSON or JSONL file, or a Hub dataset id")
     source.add_argument("--data-split", help="Hub dataset split (default train)")
-    source.add_argument("--eval-size", type=int, help="held-out examples (default: 10%% of the data)")
+    source.add_argument(
+        "--eval-size", type=int,
+        help="held-out examples (default: 10%% of the data); rows that share a prompt are held out together, "
+        "so it can be more",
+    )
     source.add_argument("--max-examples", type=int, help="cap on examples read")
     source.add_argument("--template", choices=TEMPLATES, help="prompt template (default alpaca)")
 
