@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cora.basis import Basis
+from cora.basis import Basis, tensor_key
 from cora.decompose import principal_angles
 from cora.extract import ExtractConfig, extract_basis
 
@@ -67,13 +67,40 @@ def source_angles(basis: Basis, sources: list[str]) -> dict[str, dict[str, torch
     return angles
 
 
+def angle_lines(basis: Basis, angles: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """Return lines of the largest principal angle (degrees) per layer and target, one column per source.
+
+    Args:
+        angles: the result of :func:`source_angles`.
+    """
+    meta = basis.metadata
+    lines = ["largest principal angle (degrees), source subspace vs common basis:"]
+    for layer in meta.layers:
+        for target in meta.targets:
+            key = tensor_key(layer, target)
+            cells = "  ".join(f"{source} {torch.rad2deg(per_key[key].max()).item():.2f}"
+                              for source, per_key in angles.items())
+            lines.append(f"  layer {layer:3d} {target}: {cells}")
+    return lines
+
+
 def _orthonormal(factor: torch.Tensor) -> torch.Tensor:
     q, _ = torch.linalg.qr(factor.double())  # columns may carry singular values
     return q
 
 
-def write_plots(basis: Basis, directory: str | Path, sources: list[str] | None = None) -> list[Path]:
-    """Write spectrum, energy-vs-rank and (with sources) principal-angle plots as PNG files."""
+def write_plots(
+    basis: Basis,
+    directory: str | Path,
+    sources: list[str] | None = None,
+    angles: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> list[Path]:
+    """Write spectrum, energy-vs-rank and (with sources) principal-angle plots as PNG files.
+
+    Args:
+        sources: source models for the principal-angle plot.
+        angles: the result of :func:`source_angles` for ``sources``, when already computed.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,18 +126,35 @@ def write_plots(basis: Basis, directory: str | Path, sources: list[str] | None =
     written.append(_save(figure, directory / "spectrum.png"))
     plt.close(figure)
 
-    if sources:
-        figure, axis = plt.subplots(figsize=(7, 4.5))
-        for source, per_key in source_angles(basis, sources).items():
-            keys = list(per_key)
-            largest = [float(per_key[k].max()) for k in keys]
-            axis.plot(range(len(keys)), largest, marker="o", markersize=3, label=Path(source).name or source)
-        axis.set(title="largest principal angle: source subspace vs common basis", xlabel="layer/target index",
-                 ylabel="angle (radians)")
-        axis.legend(fontsize=7)
+    if sources or angles:
+        figure = angle_figure(basis, angles if angles is not None else source_angles(basis, sources))
         written.append(_save(figure, directory / "principal_angles.png"))
         plt.close(figure)
     return written
+
+
+def angle_figure(basis: Basis, angles: dict[str, dict[str, torch.Tensor]]):
+    """Plot the largest principal angle (degrees) against the layer index, one line per source and target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    meta = basis.metadata
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for source, per_key in angles.items():
+        for target in meta.targets:
+            largest = [torch.rad2deg(per_key[tensor_key(i, target)].max()).item() for i in meta.layers]
+            label = Path(source).name or source
+            if len(meta.targets) > 1:
+                label = f"{label} {target}"
+            axis.plot(meta.layers, largest, marker="o", markersize=3, label=label)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # layer indices are whole numbers
+    axis.set(title="largest principal angle: source subspace vs common basis", xlabel="layer",
+             ylabel="angle (degrees)")
+    axis.legend(fontsize=7)
+    return figure
 
 
 def _total_energy(basis: Basis, key: str, values: torch.Tensor) -> float:

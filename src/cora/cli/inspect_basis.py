@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cora.basis import Basis
-from cora.inspection import source_angles, summary_lines, write_plots
+from cora.inspection import angle_lines, source_angles, summary_lines, write_plots
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("basis", metavar="BASIS", help="basis file written by `cora extract`")
     parser.add_argument("--plot", metavar="DIR", help="write spectrum.png (and principal_angles.png) here")
     parser.add_argument("--sources", nargs="+", metavar="MODEL",
-                        help="source models to compare with the common basis (principal angles)")
+                        help="source models to compare with the common basis: prints the largest principal angle per layer")
     parser.set_defaults(func=run)
 
 
@@ -26,11 +26,11 @@ def run(args: argparse.Namespace) -> int:
     basis = Basis.load(args.basis)
     for line in summary_lines(basis):
         print(line)
-    if args.sources and not args.plot:
-        for source, per_key in source_angles(basis, args.sources).items():
-            largest = max(float(a.max()) for a in per_key.values())
-            print(f"largest principal angle vs {source}: {largest:.4f} rad")
+    angles = source_angles(basis, args.sources) if args.sources else None
+    if angles is not None:
+        for line in angle_lines(basis, angles):
+            print(line)
     if args.plot:
-        for path in write_plots(basis, args.plot, args.sources):
+        for path in write_plots(basis, args.plot, args.sources, angles=angles):
             print(f"wrote {path}")
     return 0
