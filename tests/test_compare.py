@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -188,9 +189,52 @@ def test_code_task_reports_pass_at_1(tiny_llama_dir, tiny_llama_variant_dir, tmp
 
 def test_cli_dry_run_lists_cells(tiny_llama_dir, tiny_llama_variant_dir, tmp_path, capsys):
     config = tmp_path / "grid.yaml"
-    config.write_text(yaml.safe_dump(tiny_grid(tiny_llama_dir, tiny_llama_variant_dir, tmp_path / "a.jsonl")))
+    data = write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS)
+    config.write_text(yaml.safe_dump(tiny_grid(tiny_llama_dir, tiny_llama_variant_dir, data)))
     assert main(["compare", "--config", str(config), "-o", str(tmp_path / "out"), "--dry-run"]) == 0
     assert "5 cells, 1 bases, 0 source models" in capsys.readouterr().out
+
+
+def missing_data_grid(tmp_path, model_dir, variant_dir) -> Path:
+    """A grid file whose task data and eval file resolve against an empty data_root."""
+    (tmp_path / "data").mkdir()
+    raw = tiny_grid(model_dir, variant_dir, "alpaca/alpaca.jsonl")
+    raw["data_root"] = "data"
+    raw["tasks"]["alpaca"]["eval"]["extra"] = {"source": "file", "path": "extra.jsonl"}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(raw))
+    return tmp_path / "grid.yaml"
+
+
+def test_cli_dry_run_lists_missing_data_files(tiny_llama_dir, tiny_llama_variant_dir, tmp_path, capsys):
+    config = missing_data_grid(tmp_path, tiny_llama_dir, tiny_llama_variant_dir)
+    assert main(["compare", "--config", str(config), "-o", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"task 'alpaca' data: alpaca/alpaca.jsonl (looked for {tmp_path / 'data' / 'alpaca' / 'alpaca.jsonl'})" in err
+    assert "task 'alpaca' eval set 'extra': extra.jsonl" in err
+    assert "--data-root" in err
+
+
+def test_cli_dry_run_accepts_data_root_option(tiny_llama_dir, tiny_llama_variant_dir, tmp_path, capsys):
+    config = missing_data_grid(tmp_path, tiny_llama_dir, tiny_llama_variant_dir)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "alpaca").mkdir(parents=True)
+    write_jsonl(elsewhere / "alpaca" / "alpaca.jsonl", ALPACA_ROWS)
+    write_jsonl(elsewhere / "extra.jsonl", ALPACA_ROWS)
+    assert main(["compare", "--config", str(config), "-o", str(tmp_path / "out"), "--dry-run",
+                 "--data-root", str(elsewhere)]) == 0
+
+
+def test_run_grid_rejects_missing_data_before_work(tiny_llama_dir, tiny_llama_variant_dir, tmp_path):
+    grid = load_grid(missing_data_grid(tmp_path, tiny_llama_dir, tiny_llama_variant_dir))
+    with pytest.raises(FileNotFoundError, match="2 data file"):
+        run_grid(grid, tmp_path / "out")
+    assert not (tmp_path / "out" / "bases").exists()
+
+
+def test_hub_dataset_id_not_checked_as_file(tiny_llama_dir, tiny_llama_variant_dir, tmp_path):
+    grid = grid_from_dict(tiny_grid(tiny_llama_dir, tiny_llama_variant_dir, "yahma/alpaca-cleaned"))
+    assert grid.resolve_data_path("yahma/alpaca-cleaned") == "yahma/alpaca-cleaned"
+    grid.check_data_files()
 
 
 def test_cli_reports_invalid_grid(tmp_path, capsys):

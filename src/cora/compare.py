@@ -57,6 +57,7 @@ EVAL_SOURCES = ("held_out", "file", "mbpp", "humaneval")
 BASE_MODEL_REF = "base"
 SOURCE_PREFIX = "source:"
 BASE_RUN_NAME = "base"  # run folder name of a method with train: false (seed-independent)
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".gz")  # other paths that are not local are Hub dataset ids
 EXTRACT_FIELDS = ("rank", "side", "group", "method", "normalize", "center", "scale_by_singular_values", "layers")
 
 
@@ -216,9 +217,40 @@ class GridConfig:
         if local.is_absolute() or path.startswith("hub:"):
             return path
         candidate = self.data_root / local
+        if not candidate.exists() and not local.exists() and local.suffix not in DATA_FILE_SUFFIXES:
+            return path  # a Hub dataset id such as yahma/alpaca-cleaned, as cora.data.read_rows reads it
         if candidate.exists() or not local.exists():
             return str(candidate.resolve())
         return str(local.resolve())
+
+    def data_files(self) -> list[tuple[str, str]]:
+        """List ``(where, path)`` for every data path of the grid: tasks, their eval sets and source models."""
+        files = []
+        for spec in self.sources:
+            files.append((f"source model {spec.name!r} data", str(spec.data["path"])))
+        for task in self.tasks:
+            files.append((f"task {task.name!r} data", str(task.data["path"])))
+            files.extend((f"task {task.name!r} eval set {e.name!r}", e.path) for e in task.eval if e.path)
+        return files
+
+    def check_data_files(self) -> None:
+        """Raise FileNotFoundError listing every local data file of the grid that does not exist.
+
+        Hub dataset ids (``hub:ID``, or an id without a data-file suffix that is no local path) are not checked.
+        """
+        missing = []
+        for where, path in self.data_files():
+            resolved = self.resolve_data_path(path)
+            if not Path(resolved).is_absolute():
+                continue  # resolve_data_path leaves only Hub dataset ids relative
+            if not Path(resolved).is_file():
+                missing.append(f"{where}: {path}" + (f" (looked for {resolved})" if resolved != path else ""))
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} data file(s) of grid {self.name!r} not found, with data_root {self.data_root.resolve()}:\n  "
+                + "\n  ".join(missing)
+                + "\nPass --data-root with the folder that contains them, or fix data_root or the paths in the grid file"
+            )
 
 
 def _named(section: Any, kind: str) -> list[tuple[str, dict[str, Any]]]:
@@ -619,6 +651,7 @@ def run_grid(grid: GridConfig, out_dir: str | os.PathLike, device: str | None = 
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    grid.check_data_files()
     sources = build_sources(grid, out_dir)
     bases = extract_bases(grid, out_dir, sources)
     plans = resolve_plans(grid, out_dir, sources, bases)

@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.config, data_root=args.data_root)
     if args.dry_run:
+        grid.check_data_files()
         plans = plan_runs(grid, args.output)
         for plan in plans:
             if not plan.method.train:
