@@ -34,3 +34,31 @@ def test_basis_file_is_readable_by_others(tmp_path):
 
     path = make_basis().save(tmp_path / "basis.safetensors")
     assert mode_of(path) & 0o044 == 0o044 & ~current_umask()
+
+
+def test_atomic_directory_failure_keeps_old_folder(tmp_path):
+    import pytest
+
+    from cora.files import atomic_directory
+
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_directory(target) as temp_dir:
+            (temp_dir / "new.txt").write_text("new")
+            raise RuntimeError("interrupted")
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def test_atomic_directory_replaces_folder(tmp_path):
+    from cora.files import atomic_directory
+
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_directory(target) as temp_dir:
+        (temp_dir / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert mode_of(target) == 0o777 & ~current_umask()

@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cora.files import publish_permissions
+from cora.files import atomic_file
 
 FORMAT_VERSION = 1
 METADATA_KEY = "cora_basis"
@@ -167,18 +166,10 @@ class Basis:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the basis atomically: a temporary file in the same folder, then a rename."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"basis.{k}": v.contiguous() for k, v in self.factors.items()}
         tensors.update({f"singular_values.{k}": v.contiguous() for k, v in self.singular_values.items()})
-        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file(tensors, temp_name, metadata={METADATA_KEY: self.metadata.to_json()})
-            publish_permissions(temp_name)
-            os.replace(temp_name, path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as temp_path:
+            save_file(tensors, str(temp_path), metadata={METADATA_KEY: self.metadata.to_json()})
         return path
 
     @classmethod

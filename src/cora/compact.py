@@ -22,8 +22,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from cora.adapters import SIDECAR_NAME, AdapterConfig, AdaptedModule, freeze_factor, lora_layers, read_sidecar
 from cora.basis import Basis, file_sha256
-from cora.files import publish_permissions
+from cora.files import atomic_directory, atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -131,17 +129,9 @@ def _frozen_factor(basis: Basis, module: AdaptedModule, r: int, frozen_weight: s
 
 
 def _write_compact(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-        save_file(contiguous, temp_name, metadata={COMPACT_KEY: json.dumps(header, sort_keys=True)})
-        publish_permissions(temp_name)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    with atomic_file(path) as temp_path:
+        save_file(contiguous, str(temp_path), metadata={COMPACT_KEY: json.dumps(header, sort_keys=True)})
     return path
 
 
@@ -390,17 +380,8 @@ def expand_compact_adapter(
         weights[f"{PEFT_PREFIX}{module.name}.{compact.frozen_weight}.weight"] = frozen.contiguous().clone()
 
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    temp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir) as temp_dir:
         LoraConfig(**_config_fields(compact.lora_config)).save_pretrained(str(temp_dir))
         save_file(weights, str(temp_dir / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
         (temp_dir / SIDECAR_NAME).write_text(json.dumps(compact.record, indent=2, sort_keys=True) + "\n")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        publish_permissions(temp_dir)
-        os.replace(temp_dir, output_dir)
-    except BaseException:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        raise
     return output_dir

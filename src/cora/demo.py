@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cora.adapters import AdapterConfig
-from cora.basis import Basis
 from cora.data import DataConfig
 from cora.evaluation import EvaluationConfig, evaluate_model, select_examples
 from cora.extract import ExtractConfig, extract_basis

@@ -10,7 +10,10 @@ given it under the current umask, before the rename.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -28,16 +31,47 @@ def publish_permissions(path: str | os.PathLike) -> None:
     os.chmod(path, base & ~current_umask())
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it."""
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds, rename it to ``path``.
+
+    If the block raises, the temporary file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
+        yield Path(temp_name)
         publish_permissions(temp_name)
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; when the block succeeds, it replaces ``path``.
+
+    If the block raises, the temporary folder is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield temp_dir
+        # NOTE: an existing folder is removed before the rename, because os.replace cannot
+        # replace a non-empty folder; a crash between the two steps leaves neither.
+        if path.exists():
+            shutil.rmtree(path)
+        publish_permissions(temp_dir)
+        os.replace(temp_dir, path)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it."""
+    with atomic_file(path) as temp_path:
+        temp_path.write_text(text, encoding="utf-8")

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from cora.adapters import load_cora_adapter
-from cora.files import publish_permissions
+from cora.files import atomic_directory
 from cora.models import load_base_model
 from cora.runs import ADAPTER_DIR_NAME, load_run_config
 
@@ -61,18 +59,9 @@ def save_merged(model: Any, tokenizer: Any, output_dir: str | os.PathLike, overw
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise ValueError(f"output folder {output_dir} already exists; pass --overwrite to replace it")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    temp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir) as temp_dir:
         model.save_pretrained(temp_dir)
         tokenizer.save_pretrained(temp_dir)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        publish_permissions(temp_dir)
-        os.replace(temp_dir, output_dir)
-    except BaseException:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        raise
     return output_dir
 
 

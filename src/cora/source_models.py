@@ -18,12 +18,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cora.files import publish_permissions, write_atomic
+from cora.files import atomic_directory, write_atomic
 from cora.runs import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -148,15 +147,7 @@ def build_source_model(spec: SourceModelSpec, base_model: str, out_root: str | o
 
 def _save_checkpoint(model: Any, tokenizer: Any, directory: Path, record: dict[str, Any]) -> None:
     """Save model, tokenizer and record to a temporary folder, then rename it to ``directory``."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    temp_dir = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as temp_dir:
         model.save_pretrained(temp_dir, safe_serialization=True)
         tokenizer.save_pretrained(temp_dir)
         write_atomic(temp_dir / SOURCE_RECORD_NAME, json.dumps(record, indent=2, default=str) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        publish_permissions(temp_dir)
-        os.replace(temp_dir, directory)
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
