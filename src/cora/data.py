@@ -152,7 +152,7 @@ def row_to_example(row: dict[str, Any], index: int) -> Example:
     if "prompt" in row and "canonical_solution" in row:
         # The prompt's trailing newline moves to the start of the response. Byte-level BPE
         # tokenizers merge a newline with the indentation after it, so a prompt that ends in a
-        # lone newline token asks the model for a token sequence it has rarely seen.
+        # lone newline token leaves the model a token sequence it has rarely seen.
         # instruction + response is still the original program text.
         prompt = str(row["prompt"])
         header = prompt.rstrip()

@@ -113,9 +113,9 @@ def generate_completions(
 class StopOnSequences(StoppingCriteria):
     """Stop each row once its generated text contains a stop sequence.
 
-    Unlike ``generate(stop_strings=...)``, which also matches a stop sequence that
-    starts inside the prompt, this looks only at the new tokens: a HumanEval prompt
-    ends with a newline, so a first token ``#`` would otherwise match ``"\n#"``
+    ``generate(stop_strings=...)`` also matches a stop sequence that starts inside
+    the prompt, so this criterion decodes only the new tokens. For example, a prompt
+    that ends with a newline followed by a first token ``#`` would match ``"\n#"``
     and end the completion before it begins.
     """
 
