@@ -54,7 +54,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from cora.basis import Basis
-from cora.files import publish_permissions
+from cora.files import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -505,22 +505,21 @@ def save_cora_adapter(peft_model: PeftModel, directory: str | os.PathLike, adapt
     saved converted to a rank-2r LoRA adapter of the unmodified base model.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    temp_dir = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as staging:
         initial = getattr(peft_model, "cora_initial_adapters", {}).get(adapter_name)
         conversion = {"path_initial_model_for_weight_conversion": str(initial)} if initial is not None else {}
-        peft_model.save_pretrained(str(temp_dir), selected_adapters=[adapter_name], **conversion)
-        saved = temp_dir if adapter_name == "default" else temp_dir / adapter_name
+        peft_model.save_pretrained(str(staging), selected_adapters=[adapter_name], **conversion)
+
+        # PEFT puts a non-default adapter in a subfolder named after it; lift its files up.
+        if adapter_name != "default":
+            subfolder = staging / adapter_name
+            for entry in subfolder.iterdir():
+                entry.rename(staging / entry.name)
+            subfolder.rmdir()
+
         record = getattr(peft_model, "cora_records", {}).get(adapter_name)
         if record is not None:
-            (saved / SIDECAR_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        publish_permissions(saved)
-        os.replace(saved, directory)
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
+            (staging / SIDECAR_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return directory
 
 
