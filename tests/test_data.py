@@ -100,7 +100,7 @@ def test_split_with_one_shared_prompt_names_the_duplicate_rule():
 
 
 def test_split_holds_out_whole_prompt_groups_near_the_fraction():
-    # 40 rows over 6 prompts: 10% asks for 4 rows; one group of 6 or 7 rows is held out, not half the file.
+    # 40 rows over 6 prompts: 10% requests 4 rows; one group of 6 or 7 rows is held out, not half the file.
     examples = [Example(f"Question {i % 6}?", f"answer {i}", task_id=str(i)) for i in range(40)]
     train, held_out = split_examples(examples, DataConfig(path="unused"))
     assert len({example.instruction for example in held_out}) == 1

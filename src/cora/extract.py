@@ -34,7 +34,7 @@ NORMALIZATIONS = ("none", "frobenius")
 
 @dataclass
 class ExtractConfig:
-    """What to extract and how."""
+    """Extraction settings: the sources, the basis shape and the decomposition."""
 
     models: tuple[str, ...]  # Hub ids (optionally id@revision), checkpoint directories or .gguf files
     rank: int | None = None  # basis columns r; None when energy_threshold chooses it

@@ -179,7 +179,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 
 def _weight_map(directory: Path) -> dict[str, str]:
-    """Map each weight name to the safetensors file in ``directory`` that holds it."""
+    """Map each weight name to the safetensors file in ``directory`` that contains it."""
     index = directory / INDEX_FILE
     if index.is_file():
         return dict(json.loads(index.read_text())["weight_map"])
@@ -276,7 +276,7 @@ def download_qkv_shards(
         except EntryNotFoundError as error:
             if isinstance(error, LocalEntryNotFoundError):  # not in the cache: unknown whether the Hub has it
                 raise
-            patterns = ["config.json", SINGLE_FILE]  # a single-file checkpoint holds every weight
+            patterns = ["config.json", SINGLE_FILE]  # a single-file checkpoint contains every weight
         else:
             weight_map = json.loads(Path(index_path).read_text())["weight_map"]
             wanted = qkv_weight_filter(config, list(weight_map)) if qkv_weight_filter else list(weight_map)
