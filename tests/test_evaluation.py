@@ -78,7 +78,7 @@ def test_evaluate_model_scores_every_example(model_and_tokenizer):
     examples = [Example("What is the capital of France?", "Paris."), Example("Say hello.", "Hello.")]
     result = evaluate_model(model, tokenizer, examples, "alpaca", QUICK)
     assert result.num_examples == 2
-    assert set(result.metrics) == {"rouge1", "sacrebleu"}
+    assert set(result.metrics) == {"rouge1", "sacrebleu", "response_nll"}
     assert [record.reference for record in result.records] == ["Paris.", "Hello."]
 
 
@@ -96,7 +96,8 @@ def test_execute_adds_pass_at_1(model_and_tokenizer, tmp_path):
         generation=GenerationConfig(max_new_tokens=8), metrics=None, execute=True, execution=ExecutionConfig(timeout_s=5)
     )
     result = evaluate_model(model, tokenizer, examples, "code", config)
-    assert result.metrics == {"pass@1": 0.0}  # a random tiny model writes no working code
+    assert result.metrics["pass@1"] == 0.0  # a random tiny model writes no working code
+    assert set(result.metrics) == {"pass@1", "response_nll"}
     assert all(record.status and record.status[0] != "passed" for record in result.records)
 
 
@@ -114,7 +115,9 @@ def test_write_produces_both_files(model_and_tokenizer, tmp_path):
 
 def test_cli_evaluates_trained_run(alpaca_run, capsys):
     run_dir, _ = alpaca_run
-    code = main(["evaluate", str(run_dir), "--max-new-tokens", "8", "--metrics", "rouge1", "rougeL"])
+    code = main(
+        ["evaluate", str(run_dir), "--max-new-tokens", "8", "--metrics", "rouge1", "rougeL", "--no-response-loss"]
+    )
     assert code == 0
     out_dir = run_dir / "eval" / "alpaca"
     summary = json.loads((out_dir / "metrics.json").read_text())

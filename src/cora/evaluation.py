@@ -3,6 +3,7 @@
     examples --format_prompt--> prompts --generate_completions--> predictions
         --compute_metrics--> ROUGE / METEOR / SacreBLEU / BERTScore
         --check_completions (code tasks, optional)--> pass@k
+    examples --response_loss (optional)--> held-out NLL of the references
 
 Which examples are scored (:func:`select_examples`):
 
@@ -28,6 +29,7 @@ from cora.code_tasks import check_completions, mean_pass_at_k
 from cora.data import DataConfig, Example, format_prompt, load_examples, split_examples
 from cora.execution import ExecutionConfig
 from cora.generation import STOP_SEQUENCES, GenerationConfig, generate_completions
+from cora.likelihood import RESPONSE_LOSS_NAME, response_loss
 from cora.metrics import MetricsConfig, compute_metrics
 
 logger = logging.getLogger(__name__)
@@ -47,16 +49,22 @@ class EvaluationConfig:
     pass_k: tuple[int, ...] = (1,)  # k values of pass@k; each needs k <= generation.num_return_sequences
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     workers: int = 2  # sandboxed programs run at the same time
+    response_loss: bool = True  # also report the NLL per token of the references (cora.likelihood)
+    loss_max_length: int = 1024  # tokens per example for the response loss, prompt included
 
     def __post_init__(self) -> None:
-        if self.metrics is None and not self.execute:
-            raise ValueError("nothing to compute: metrics is None and execute is False; select metrics or execute")
+        if self.metrics is None and not self.execute and not self.response_loss:
+            raise ValueError(
+                "nothing to compute: metrics is None and execute and response_loss are False; select one of them"
+            )
         samples = self.generation.num_return_sequences
         for k in self.pass_k:
             if not 1 <= k <= samples:
                 raise ValueError(f"invalid pass@k k={k}; expected 1 <= k <= {samples} completions per example")
         if self.workers < 1:
             raise ValueError(f"invalid workers {self.workers}; expected a positive integer")
+        if self.loss_max_length < 2:
+            raise ValueError(f"invalid loss_max_length {self.loss_max_length}; expected at least 2 tokens")
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,8 @@ def evaluate_model(
 
     Returns:
         Records in example order and metrics: the text metrics of ``config.metrics``
-        on the first completion, plus ``pass@k`` when ``config.execute``.
+        on the first completion, plus ``pass@k`` when ``config.execute`` and the
+        references' NLL per token (``response_nll``) when ``config.response_loss``.
     """
     config = config or EvaluationConfig()
     if not examples:
@@ -154,6 +163,10 @@ def evaluate_model(
         executions = check_completions(examples, completions, template, config.execution, workers=config.workers)
         for k in config.pass_k:
             metrics[f"pass@{k}"] = mean_pass_at_k(executions, k)
+    if config.response_loss:
+        metrics[RESPONSE_LOSS_NAME] = response_loss(
+            model, tokenizer, examples, template, config.loss_max_length, config.generation.batch_size
+        )
 
     records = _records(examples, prompts, completions, executions)
     settings = {
@@ -162,6 +175,8 @@ def evaluate_model(
         "metrics": dataclasses.asdict(config.metrics) if config.metrics is not None else None,
         "execute": config.execute,
         "execution": dataclasses.asdict(config.execution) if config.execute else None,
+        "response_loss": config.response_loss,
+        "loss_max_length": config.loss_max_length,
     }
     seconds = time.monotonic() - started
     logger.info("evaluated %d examples in %.1f s: %s", len(examples), seconds, metrics)

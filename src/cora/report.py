@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 TABLE_NAMES = ("results.md", "results.csv", "results.json")
 # Shown in this order, then any other metric in order of appearance.
-METRIC_ORDER = ("rouge1", "rouge2", "rougeL", "meteor", "sacrebleu", "bertscore_f1", "pass@1")
+METRIC_ORDER = ("rouge1", "rouge2", "rougeL", "meteor", "sacrebleu", "bertscore_f1", "pass@1", "response_nll")
 
 
 @dataclass

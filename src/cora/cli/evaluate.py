@@ -42,6 +42,9 @@ def register(subparsers) -> None:
 
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS), help="text metrics to compute")
     parser.add_argument("--no-metrics", action="store_true", help="skip text metrics (with --execute: pass@k only)")
+    parser.add_argument(
+        "--no-response-loss", action="store_true", help="skip the references' NLL per token (response_nll)"
+    )
     parser.add_argument("--bertscore-model", help="local model folder for BERTScore (default: bundled all-MiniLM-L6-v2)")
     parser.add_argument("--bertscore-layers", type=int, help="BERTScore layer; required with --bertscore-model")
 
@@ -101,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         execute=args.execute,
         pass_k=tuple(args.pass_k),
         execution=ExecutionConfig(timeout_s=args.timeout),
+        response_loss=not args.no_response_loss,
     )
     result = evaluate_model(model, tokenizer, examples, template, config)
 
