@@ -46,6 +46,10 @@ def grid_run(tmp_path_factory, tiny_llama_dir, tiny_llama_variant_dir):
     folder = tmp_path_factory.mktemp("grid")
     data = write_jsonl(folder / "alpaca.jsonl", ALPACA_ROWS)
     raw = tiny_grid(tiny_llama_dir, tiny_llama_variant_dir, data)
+    raw["claims"] = {
+        "frozen_matches_lora": {"method": "frozen", "baseline": "lora"},
+        "lora_beats_base": {"method": "lora", "baseline": "base_model", "expect": "better"},
+    }
     out = folder / "out"
     result = run_grid(grid_from_dict(raw), out)
     return raw, out, result
@@ -80,6 +84,23 @@ def test_grid_writes_tables_and_plots(grid_run):
     _, out, _ = grid_run
     for name in ("results.md", "results.csv", "results.json", "metrics_alpaca_held_out.png", "loss_alpaca.png"):
         assert (out / name).is_file(), name
+
+
+def test_grid_writes_claims(grid_run):
+    _, out, _ = grid_run
+    claims = {entry["claim"]: entry for entry in json.loads((out / "claims.json").read_text())}
+    assert set(claims) == {"frozen_matches_lora", "lora_beats_base"}
+    comparisons = {c["metric"]: c for c in claims["lora_beats_base"]["comparisons"]}
+    assert set(comparisons) == {"rouge1", "sacrebleu", "response_nll"}
+    assert all(c["pairs"] == 2 for c in comparisons.values())  # the base model's one run pairs with both seeds
+    assert "| frozen_matches_lora | alpaca / held_out | frozen vs lora |" in (out / "claims.md").read_text()
+
+
+def test_claim_with_unknown_method_rejected(tiny_llama_dir, tiny_llama_variant_dir, tmp_path):
+    raw = tiny_grid(tiny_llama_dir, tiny_llama_variant_dir, tmp_path / "a.jsonl")
+    raw["claims"] = {"typo": {"method": "frozn", "baseline": "lora"}}
+    with pytest.raises(ValueError, match="claim 'typo': method 'frozn' is not in methods"):
+        grid_from_dict(raw)
 
 
 def test_grid_table_aggregates_seeds(grid_run):

@@ -6,6 +6,7 @@ A grid YAML file has these sections::
     run: {...}                   # shared settings: a partial run config (model, adapter, training, evaluation)
     seeds: [0, 1, 2]
     sources: {NAME: {...}}       # optional extra source models (cora.source_models.SourceModelSpec)
+    claims:  {NAME: {...}}       # optional: method vs baseline, checked against the seeds' spread (cora.claims)
     bases:   {NAME: {...}}       # extraction specs: models ("base", "source:NAME", paths), rank, side, group, ...
     methods: {NAME: {...}}       # adapter / training overrides, the basis to use, or train: false (base model)
     tasks:   {NAME: {...}}       # training data, template and the evaluation sets
@@ -42,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from cora.claims import ClaimSpec
 from cora.code_tasks import MBPP_SPLITS, load_humaneval, load_mbpp
 from cora.data import TEMPLATES, Example, load_examples, read_rows, split_examples
 from cora.extract import ExtractConfig
@@ -170,6 +172,7 @@ class GridConfig:
     sources: list[SourceModelSpec] = field(default_factory=list)
     data_root: Path = Path(".")
     name: str = "grid"
+    claims: list[ClaimSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.seeds = tuple(int(seed) for seed in self.seeds)
@@ -187,6 +190,11 @@ class GridConfig:
         self._check_references()
 
     def _check_references(self) -> None:
+        methods = [method.name for method in self.methods]
+        for claim in self.claims:
+            for role, name in (("method", claim.method), ("baseline", claim.baseline)):
+                if name not in methods:
+                    raise ValueError(f"claim {claim.name!r}: {role} {name!r} is not in methods {methods}")
         bases = {basis.name for basis in self.bases}
         sources = {source.name for source in self.sources}
         for method in self.methods:
@@ -294,7 +302,7 @@ def _task_spec(name: str, body: dict[str, Any]) -> TaskSpec:
     return _build(TaskSpec, name, {**body, "eval": eval_sets}, "task")
 
 
-GRID_SECTIONS = ("name", "data_root", "run", "seeds", "sources", "bases", "methods", "tasks")
+GRID_SECTIONS = ("name", "data_root", "run", "seeds", "sources", "bases", "methods", "tasks", "claims")
 
 
 def grid_from_dict(raw: dict[str, Any], base_dir: Path = Path("."), data_root: str | None = None) -> GridConfig:
@@ -317,6 +325,7 @@ def grid_from_dict(raw: dict[str, Any], base_dir: Path = Path("."), data_root: s
         sources=[_build(SourceModelSpec, name, body, "source model") for name, body in _named(raw.get("sources"), "source model")],
         data_root=root,
         name=str(raw.get("name", "grid")),
+        claims=[_build(ClaimSpec, name, body, "claim") for name, body in _named(raw.get("claims"), "claim")],
     )
     for plan in plan_runs(grid, Path("/nonexistent-grid-dir")):
         plan.run_config(grid)  # build every run config once, so that a bad field fails before any training
@@ -685,7 +694,12 @@ def run_grid(grid: GridConfig, out_dir: str | os.PathLike, device: str | None = 
         from cora.report import write_report
 
         result.report_paths = write_report(
-            result.records, result.curves, out_dir, [method.name for method in grid.methods], title=grid.name
+            result.records,
+            result.curves,
+            out_dir,
+            [method.name for method in grid.methods],
+            title=grid.name,
+            claims=grid.claims,
         )
     _write_run_log(out_dir, result)
     logger.info(

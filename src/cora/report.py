@@ -274,14 +274,33 @@ def plot_loss_curves(
     return paths
 
 
+def write_claims(records: list[dict[str, Any]], claims: list[Any], out_dir: Path) -> list[Path]:
+    """Evaluate the grid's claims on the records; write ``claims.md`` and ``claims.json``."""
+    from cora.claims import claims_json, claims_markdown, evaluate_claims
+
+    results = evaluate_claims(records, claims)
+    if not results:
+        logger.warning("no claim has results for both of its methods yet; claims.md not written")
+        return []
+    md_path, json_path = out_dir / "claims.md", out_dir / "claims.json"
+    write_atomic(md_path, claims_markdown(results))
+    write_atomic(json_path, json.dumps(claims_json(results), indent=2) + "\n")
+    return [md_path, json_path]
+
+
 def write_report(
     records: list[dict[str, Any]],
     curves: dict[tuple[str, str], list[list[tuple[int, float]]]],
     out_dir: str | os.PathLike,
     method_order: list[str] | None = None,
     title: str = "",
+    claims: list[Any] | None = None,
 ) -> list[Path]:
-    """Write the tables and plots of a grid into ``out_dir``; return the written paths."""
+    """Write the tables and plots of a grid into ``out_dir``; return the written paths.
+
+    Args:
+        claims: :class:`cora.claims.ClaimSpec` list; when given, also write ``claims.md`` and ``claims.json``.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not records:
@@ -291,5 +310,7 @@ def write_report(
     paths = write_tables(rows, out_dir, title, records)
     paths += plot_metrics(rows, out_dir)
     paths += plot_loss_curves(curves, out_dir)
+    if claims:
+        paths += write_claims(records, claims, out_dir)
     logger.info("wrote %d report files to %s", len(paths), out_dir)
     return paths

@@ -47,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
     if args.report_only:
         plans = plan_runs(grid, args.output)
         records = collect_records(grid, plans)
-        paths = write_report(records, collect_curves(plans), args.output, [m.name for m in grid.methods], grid.name)
+        paths = write_report(
+            records, collect_curves(plans), args.output, [m.name for m in grid.methods], grid.name, grid.claims
+        )
         print(f"{len(records)} evaluations reported")
     else:
         result = run_grid(grid, args.output, device=args.device)
