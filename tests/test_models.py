@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from cora.models import (
+    hub_address,
+    hub_reachable,
     load_base_model,
     resolve_dtype,
     resolve_model_path,
@@ -83,3 +86,30 @@ def test_smollm2_gguf_converts_to_cached_safetensors(tmp_path, monkeypatch):
     assert getattr(model, "hf_quantizer", None) is None
     assert model.config.num_hidden_layers == 30
     assert tokenizer.pad_token is not None
+
+
+def test_hub_address_follows_hf_endpoint(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:8123/mirror")
+    assert hub_address() == ("127.0.0.1", 8123)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example.com")
+    assert hub_address() == ("hf-mirror.example.com", 443)
+    monkeypatch.delenv("HF_ENDPOINT")
+    assert hub_address() == ("huggingface.co", 443)
+
+
+def test_hub_reachable_probes_the_mirror(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        assert hub_reachable(timeout=1.0)
+    # The socket is closed now, so nothing listens on the port.
+    assert not hub_reachable(timeout=1.0)
+
+
+def test_invalid_hf_endpoint_is_an_error(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "hf-mirror.example.com")
+    with pytest.raises(ValueError, match="invalid HF_ENDPOINT 'hf-mirror.example.com'"):
+        hub_address()

