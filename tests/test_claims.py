@@ -82,6 +82,12 @@ def test_better_verdict_needs_a_better_metric():
     assert both.verdict == "mixed"
 
 
+def test_better_verdict_without_clear_metrics_is_not_shown():
+    data = records("a", "rouge1", {0: 0.1, 1: 0.5, 2: 0.3}) + records("b", "rouge1", {0: 0.3, 1: 0.2, 2: 0.3})
+    (result,) = evaluate_claims(data, [ClaimSpec("c", "a", "b", expect="better")])
+    assert result.verdict == "not shown"
+
+
 def test_claims_are_evaluated_per_eval_set_and_skip_missing_methods():
     data = records("a", "rouge1", {0: 0.5, 1: 0.6}) + records("b", "rouge1", {0: 0.4, 1: 0.45})
     data += records("a", "rouge1", {0: 0.5, 1: 0.6}, eval_set="other") + records("b", "rouge1", {0: 0.4}, eval_set="other")

@@ -26,7 +26,8 @@ A claim's verdict on one eval set combines its metrics:
 * ``expect: not_worse`` holds when no metric is ``worse``, and does not hold when
   more metrics are ``worse`` than ``better``; otherwise it is mixed;
 * ``expect: better`` holds when at least one metric is ``better`` and none is
-  ``worse``, and does not hold when none is ``better``; otherwise it is mixed.
+  ``worse``. It does not hold when some metric is ``worse`` and none is
+  ``better``, and is not shown when every metric is unclear; otherwise it is mixed.
 
 "No clear difference" is not evidence of equality: with 3 seeds the interval is
 wide, so the report shows it next to each verdict.
@@ -102,7 +103,7 @@ class ClaimResult:
                 return "holds"
             return "does not hold" if worse > better else "mixed"
         if better == 0:
-            return "does not hold"
+            return "does not hold" if worse else "not shown"
         return "holds" if worse == 0 else "mixed"
 
 
