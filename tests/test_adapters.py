@@ -113,6 +113,19 @@ def test_input_side_places_basis_transposed_in_lora_A(tiny_gqa_model):
     assert layer.lora_B["default"].weight.requires_grad
 
 
+def test_free_factor_bound_uses_model_width(tiny_gqa_model):
+    # The free factor is uniform in +-1/sqrt(width) on both sides: lora_A (r, in) uses in,
+    # and a free lora_B (out, r) uses out, not its fan-in r.
+    output_basis = svd_basis(tiny_gqa_model, group="module")
+    output_side = build_cora_model(tiny_gqa_model, output_basis, AdapterConfig(mode="frozen"))
+    free_a = lora_layers(output_side)["model.layers.0.self_attn.q_proj"].lora_A["default"].weight
+    assert free_a.abs().max() <= 1 / free_a.shape[1] ** 0.5
+    input_side = build_cora_model(tiny_gqa_model, svd_basis(tiny_gqa_model, side="input"), AdapterConfig(mode="frozen"))
+    free_b = lora_layers(input_side)["model.layers.0.self_attn.q_proj"].lora_B["default"].weight  # (out, r)
+    assert free_b.abs().max() <= 1 / free_b.shape[0] ** 0.5
+    assert free_b.abs().max() > 0.5 / free_b.shape[0] ** 0.5  # uniform draws reach the bound's order
+
+
 def test_trainable_mode_trains_both_factors(tiny_model):
     model = build_cora_model(tiny_model, svd_basis(tiny_model), AdapterConfig(mode="trainable"))
     trainable, _ = count_parameters(model)

@@ -280,14 +280,19 @@ def fused_output_B(
     return blocks
 
 
-def _free_factor(kind: str, shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+def _free_factor(kind: str, shape: tuple[int, int], fan: int, generator: torch.Generator) -> torch.Tensor:
+    """Return the initial free factor: zeros, or uniform in +-1/sqrt(fan).
+
+    The bound is that of PEFT's Kaiming-uniform lora_A (a = sqrt(5)), whose fan is
+    the layer's input width. A free lora_B (side=input) takes the layer's output
+    width as its fan, so that B A starts as small as it does on the output side.
+    Its own fan-in, r, would give entries about sqrt(out / r) times larger, a
+    perturbation that raised SmolLM2's initial loss from about 1.6 to 12.8.
+    """
     if kind == "zeros":
         return torch.zeros(shape)
-    # Kaiming uniform with a = sqrt(5), the initialisation PEFT gives lora_A.
-    weight = torch.empty(shape)
-    fan_in = shape[1]
-    bound = 1.0 / math.sqrt(fan_in)
-    return weight.uniform_(-bound, bound, generator=generator)
+    bound = 1.0 / math.sqrt(fan)
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
 def _set_factors(
@@ -306,15 +311,15 @@ def _set_factors(
         if is_fused_output(basis, config):
             fused_rows = basis.metadata.fused_rows
             lora_B.copy_(fused_output_B(basis, module, fused_rows, lora_B.shape[0], r // 3, config, generator))
-            lora_A.copy_(_free_factor(config.a_init, tuple(lora_A.shape), generator).to(lora_A.dtype))
+            lora_A.copy_(_free_factor(config.a_init, tuple(lora_A.shape), lora_A.shape[1], generator).to(lora_A.dtype))
         elif side == "output":
             basis_side = _basis_factor(basis, module, lora_B.shape[0], r, config, generator)  # (out, r)
             lora_B.copy_(basis_side.to(lora_B.dtype))
-            lora_A.copy_(_free_factor(config.a_init, tuple(lora_A.shape), generator).to(lora_A.dtype))
+            lora_A.copy_(_free_factor(config.a_init, tuple(lora_A.shape), lora_A.shape[1], generator).to(lora_A.dtype))
         else:
             basis_side = _basis_factor(basis, module, lora_A.shape[1], r, config, generator)  # (in, r)
             lora_A.copy_(basis_side.T.to(lora_A.dtype))
-            lora_B.copy_(_free_factor(config.a_init, tuple(lora_B.shape), generator).to(lora_B.dtype))
+            lora_B.copy_(_free_factor(config.a_init, tuple(lora_B.shape), lora_B.shape[0], generator).to(lora_B.dtype))
 
 
 def freeze_factor(layer: LoraLayer, adapter_name: str, weight_name: str) -> None:
