@@ -371,7 +371,7 @@ def test_lorafa_rejected_for_frozen_mode(tiny_llama_dir):
         )
 
 
-@pytest.mark.parametrize("name", ["quick", "instruction", "code", "sources", "instruction_reduced", "code_reduced"])
+@pytest.mark.parametrize("name", ["quick", "instruction", "code", "sources"])
 def test_committed_grid_is_valid(name):
     from pathlib import Path
 
