@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from cora.claims import LOWER_IS_BETTER
 from cora.files import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -224,8 +225,13 @@ def plot_metrics(rows: list[ResultRow], out_dir: Path, dpi: int = 80) -> list[Pa
         for axis, name in zip(axes.flat, names):
             means = [row.metrics[name][0] for row in section]
             errors = [0.0 if math.isnan(row.metrics[name][1]) else row.metrics[name][1] for row in section]
-            axis.bar(positions, means, yerr=errors, capsize=2, color="tab:blue")
-            axis.set_title(name, fontsize=9)
+            if name in LOWER_IS_BETTER:
+                # A loss has no meaningful zero, so points on a fitted axis show the differences.
+                axis.errorbar(positions, means, yerr=errors, fmt="o", capsize=2, color="tab:blue")
+                axis.set_title(f"{name} (lower is better)", fontsize=9)
+            else:
+                axis.bar(positions, means, yerr=errors, capsize=2, color="tab:blue")
+                axis.set_title(name, fontsize=9)
             axis.set_xticks(positions, [row.method for row in section], rotation=60, ha="right", fontsize=7)
             axis.tick_params(axis="y", labelsize=7)
         for axis in list(axes.flat)[len(names):]:
