@@ -55,6 +55,12 @@ def test_seed_independent_baseline_pairs_with_every_seed():
     assert comparison.outcome == "better"
 
 
+def test_single_seed_verdict_is_too_few_seeds():
+    data = records("a", "rouge1", {0: 0.2}) + records("b", "rouge1", {0: 0.5})
+    (result,) = evaluate_claims(data, [ClaimSpec("c", "a", "b")])
+    assert result.verdict == "too few seeds"
+
+
 def test_one_pair_has_no_interval():
     comparison = compare_metric({0: 0.4}, {0: 0.3}, "rougeL")
     assert math.isnan(comparison.half_width)

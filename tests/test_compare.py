@@ -103,6 +103,13 @@ def test_claim_with_unknown_method_rejected(tiny_llama_dir, tiny_llama_variant_d
         grid_from_dict(raw)
 
 
+def test_claim_with_unknown_metric_rejected(tiny_llama_dir, tiny_llama_variant_dir, tmp_path):
+    raw = tiny_grid(tiny_llama_dir, tiny_llama_variant_dir, tmp_path / "a.jsonl")
+    raw["claims"] = {"typo": {"method": "frozen", "baseline": "lora", "metrics": ["rougeX"]}}
+    with pytest.raises(ValueError, match="claim 'typo': unknown metric 'rougeX'"):
+        grid_from_dict(raw)
+
+
 def test_grid_table_aggregates_seeds(grid_run):
     _, out, _ = grid_run
     rows = {row["method"]: row for row in json.loads((out / "results.json").read_text())["rows"]}

@@ -29,6 +29,9 @@ A claim's verdict on one eval set combines its metrics:
   ``worse``. It does not hold when some metric is ``worse`` and none is
   ``better``, and is not shown when every metric is unclear; otherwise it is mixed.
 
+With fewer than 2 seed pairs on every metric the verdict is ``too few seeds``,
+and with no metric in common ``not measured``.
+
 "No clear difference" is not evidence of equality: with 3 seeds the interval is
 wide, so the report shows it next to each verdict.
 """
@@ -98,6 +101,8 @@ class ClaimResult:
         better, worse = outcomes.count(BETTER), outcomes.count(WORSE)
         if not outcomes:
             return "not measured"
+        if all(comparison.pairs < 2 for comparison in self.comparisons):
+            return "too few seeds"  # no interval, so "no clear difference" would make not_worse hold by default
         if self.claim.expect == "not_worse":
             if worse == 0:
                 return "holds"
@@ -214,7 +219,8 @@ def claims_markdown(results: list[ClaimResult]) -> str:
             interval = "" if math.isnan(c.half_width) else f" ± {_number(c.half_width, c.metric)}"
             lines.append(
                 f"| {c.metric} | {_number(c.method_mean, c.metric)} | {_number(c.baseline_mean, c.metric)} | "
-                f"{c.difference:+.4f}{interval} | {c.pairs} | {c.outcome} |"
+                f"{'+' if c.difference >= 0 else '-'}{_number(abs(c.difference), c.metric)}{interval} | "
+                f"{c.pairs} | {c.outcome} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -191,7 +191,14 @@ class GridConfig:
 
     def _check_references(self) -> None:
         methods = [method.name for method in self.methods]
+        known_metrics = (*METRICS, "response_nll", *(f"pass@{k}" for k in range(1, 101)))
         for claim in self.claims:
+            unknown = [name for name in claim.metrics if name not in known_metrics]
+            if unknown:
+                raise ValueError(
+                    f"claim {claim.name!r}: unknown metric {unknown[0]!r}; expected some of "
+                    f"{[*METRICS, 'response_nll', 'pass@1']}"
+                )
             for role, name in (("method", claim.method), ("baseline", claim.baseline)):
                 if name not in methods:
                     raise ValueError(f"claim {claim.name!r}: {role} {name!r} is not in methods {methods}")
