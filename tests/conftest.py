@@ -94,3 +94,15 @@ def tiny_llama_variant_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 def tiny_gqa_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A Llama with grouped-query attention: q is (64, 64), k and v are (32, 64)."""
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-gqa-llama"), tiny_tokenizer, num_key_value_heads=2, seed=2)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """Hub offline with an empty cache, and the current directory an empty folder."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -233,24 +233,13 @@ def test_cli_overwrite_replaces_existing_output(tmp_path, tiny_llama_dir):
     assert Basis.load(output).rank == 4
 
 
-@pytest.fixture
-def offline_in_empty_folder(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def test_cli_mistyped_folder_named_in_error(offline_in_empty_folder, tiny_llama_dir, capsys):
+def test_cli_mistyped_folder_named_in_error(offline_hub, tiny_llama_dir, capsys):
     code = main(["extract", str(tiny_llama_dir), "ckpt-c", "--rank", "4", "--side", "input", "-o", "b.safetensors"])
     assert code == 2
     assert "no local file or folder named 'ckpt-c' exists" in capsys.readouterr().err
 
 
-def test_cli_extracts_from_smollm2_alias(offline_in_empty_folder):
+def test_cli_extracts_from_smollm2_alias(offline_hub):
     pytest.importorskip("gguf")
     from cora.models import smollm2_gguf_path
 

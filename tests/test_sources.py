@@ -47,18 +47,6 @@ def test_non_gguf_file_rejected(tmp_path):
         open_source(str(path))
 
 
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """Hub offline with an empty cache, and the current directory an empty folder."""
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def test_hub_id_offline_gives_clear_error(offline_hub):
     with pytest.raises(FileNotFoundError, match=r"fetching HuggingFaceTB/SmolLM2-135M@main from its local cache"):
         open_source("HuggingFaceTB/SmolLM2-135M@main")
