@@ -94,7 +94,7 @@ def test_better_verdict_without_clear_metrics_is_not_shown():
     assert result.verdict == "not shown"
 
 
-def test_claims_are_evaluated_per_eval_set_and_skip_missing_methods():
+def test_claims_per_eval_set_skip_missing():
     data = records("a", "rouge1", {0: 0.5, 1: 0.6}) + records("b", "rouge1", {0: 0.4, 1: 0.45})
     data += records("a", "rouge1", {0: 0.5, 1: 0.6}, eval_set="other") + records("b", "rouge1", {0: 0.4}, eval_set="other")
     results = evaluate_claims(data, [ClaimSpec("c", "a", "b"), ClaimSpec("missing", "a", "absent")])

@@ -27,7 +27,7 @@ A claim's verdict on one eval set combines its metrics:
   more metrics are ``worse`` than ``better``; otherwise it is mixed;
 * ``expect: better`` holds when at least one metric is ``better`` and none is
   ``worse``. It does not hold when some metric is ``worse`` and none is
-  ``better``, and is not shown when every metric is unclear; otherwise it is mixed.
+  ``better``. It is not shown when every metric is unclear, and mixed otherwise.
 
 With fewer than 2 seed pairs on every metric the verdict is ``too few seeds``,
 and with no metric in common ``not measured``.
@@ -45,8 +45,10 @@ from typing import Any
 
 import numpy as np
 
+from cora.likelihood import RESPONSE_LOSS_NAME
+
 EXPECTATIONS = ("not_worse", "better")
-LOWER_IS_BETTER = frozenset({"response_nll"})  # every other metric: higher is better
+LOWER_IS_BETTER = frozenset({RESPONSE_LOSS_NAME})  # every other metric: higher is better
 
 BETTER, WORSE, UNCLEAR = "better", "worse", "no clear difference"
 
@@ -143,7 +145,12 @@ def compare_metric(
         half_width, outcome = math.nan, UNCLEAR
     else:
         half_width = _t_quantile(confidence, len(seeds) - 1) * float(differences.std(ddof=1)) / math.sqrt(len(seeds))
-        outcome = BETTER if mean - half_width > 0 else WORSE if mean + half_width < 0 else UNCLEAR
+        if mean - half_width > 0:
+            outcome = BETTER
+        elif mean + half_width < 0:
+            outcome = WORSE
+        else:
+            outcome = UNCLEAR
     return Comparison(
         metric=metric,
         method_mean=float(np.mean([method_values[s] for s in seeds])),

@@ -47,6 +47,7 @@ from cora.claims import ClaimSpec
 from cora.code_tasks import MBPP_SPLITS, load_humaneval, load_mbpp
 from cora.data import TEMPLATES, Example, load_examples, read_rows, split_examples
 from cora.extract import ExtractConfig
+from cora.likelihood import RESPONSE_LOSS_NAME
 from cora.metrics import METRICS
 from cora.files import write_atomic
 from cora.runs import RunConfig, apply_overrides
@@ -191,13 +192,13 @@ class GridConfig:
 
     def _check_references(self) -> None:
         methods = [method.name for method in self.methods]
-        known_metrics = (*METRICS, "response_nll", *(f"pass@{k}" for k in range(1, 101)))
+        known_metrics = (*METRICS, RESPONSE_LOSS_NAME, *(f"pass@{k}" for k in range(1, 101)))
         for claim in self.claims:
             unknown = [name for name in claim.metrics if name not in known_metrics]
             if unknown:
                 raise ValueError(
                     f"claim {claim.name!r}: unknown metric {unknown[0]!r}; expected some of "
-                    f"{[*METRICS, 'response_nll', 'pass@1']}"
+                    f"{[*METRICS, RESPONSE_LOSS_NAME, 'pass@1']}"
                 )
             for role, name in (("method", claim.method), ("baseline", claim.baseline)):
                 if name not in methods:

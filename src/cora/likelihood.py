@@ -1,8 +1,8 @@
 """Held-out loss: the negative log-likelihood of reference responses under a model.
 
-Generation metrics on a few dozen examples are noisy; the teacher-forced loss of
-the reference responses measures the same fit with far less variance and costs
-one forward pass per batch. It uses the tokenisation of training
+Generation metrics on a few dozen examples are noisy. The teacher-forced loss of
+the reference responses measures the same fit with far less variance, and it
+costs one forward pass per batch. It uses the tokenisation of training
 (:func:`cora.training.tokenize_example`): the prompt is context, and the loss
 covers the response tokens and the closing EOS.
 
