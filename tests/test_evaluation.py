@@ -82,6 +82,11 @@ def test_evaluate_model_scores_every_example(model_and_tokenizer):
     assert [record.reference for record in result.records] == ["Paris.", "Hello."]
 
 
+def test_invalid_loss_max_length_rejected():
+    with pytest.raises(ValueError, match="invalid loss_max_length 1; expected at least 2 tokens"):
+        EvaluationConfig(loss_max_length=1)
+
+
 def test_evaluate_model_rejects_execute_without_tests(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     config = EvaluationConfig(generation=GenerationConfig(max_new_tokens=4), execute=True)
